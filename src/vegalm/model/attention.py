@@ -1,0 +1,305 @@
+"""Disentangled self-attention (DeBERTa, He et al. 2021, eq. 2-4) with three interchangeable kernels.
+
+score(i, j) = [ q_i·k_j  +  q_i·Pk[idx(i,j)]  +  k_j·Pq[idx(i,j)] ] / sqrt(d · (1 + #terms))
+              content→content  content→position   position→content
+
+where Pk, Pq are the (shared or separate) key/query projections of the relative
+embeddings and idx(i, j) the bucketed relative index (model/relpos.py).
+
+Kernels (`attn_impl`):
+- eager: the formula above with full [B,H,L,L] tensors for every term, then
+  masked softmax, dropout and @V. The reference every fast path is tested against.
+- fused (CPU default): c2p and p2c are gathered straight into ONE additive bias
+  [B,H,L,L] (the 1/sqrt scale is folded into the small [H,P,D] position tables,
+  and only the P <= 2L-1 relative rows a length can reach are projected). A
+  hand-written autograd function then does scores -> softmax -> dropout -> @V and
+  keeps only the probabilities (plus a 1-byte dropout mask) for backward; the
+  reference path keeps ~5 [B,H,L,L] tensors per layer. Without grad it calls SDPA.
+  Dropout draws int16 random numbers (4x cheaper than bernoulli on CPU); the drop
+  rate is p rounded to a multiple of 1/65536 (0.1 -> 0.100006).
+- sdpa (CUDA default): the same single bias handed to
+  `F.scaled_dot_product_attention`, whose memory-efficient CUDA kernel supports an
+  additive bias with gradient and dropout. (On CPU, SDPA falls back to its math
+  path whenever the bias needs a gradient, which is why CPU uses `fused`.)
+- flex: FlexAttention with a `score_mod` that reads the [B,H,L,P] c2p/p2c
+  tables, so no [B,H,L,L] tensor is built at all. CUDA only for training (CPU
+  FlexAttention has no backward); no attention dropout, so with dropout active in
+  training the module falls back to sdpa.
+
+Padding follows the reference exactly: a (query, key) pair is valid when both
+tokens are real. A padding query therefore sees all keys at the same score and
+attends uniformly; its output is kept so hidden states match bit for bit in
+spirit (within float tolerance) at every position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vegalm.model.config import EncoderConfig
+
+_flex_compiled = None
+
+
+def _flex_attention():
+    """FlexAttention, compiled on CUDA (eager flex is a slow reference implementation)."""
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    return _flex_compiled
+
+
+class DisentangledSelfAttention(nn.Module):
+    """Q/K/V projections + disentangled scores. Parameter names follow the HF checkpoint layout."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        h, n = cfg.hidden_size, cfg.num_attention_heads
+        self.num_heads, self.head_dim = n, cfg.head_dim
+        self.query_proj = nn.Linear(h, h)
+        self.key_proj = nn.Linear(h, h)
+        self.value_proj = nn.Linear(h, h)
+        self.relative = cfg.relative_attention
+        self.terms = tuple(t for t in ("c2p", "p2c") if t in cfg.pos_att_type) if self.relative else ()
+        self.share_att_key = cfg.share_att_key
+        if self.relative and not cfg.share_att_key:
+            if "c2p" in self.terms:
+                self.pos_key_proj = nn.Linear(h, h)
+            if "p2c" in self.terms:
+                self.pos_query_proj = nn.Linear(h, h)
+        if self.relative:
+            self.pos_dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.attn_dropout = cfg.attention_probs_dropout_prob
+        # 1 + number of position terms: each term adds variance d to the score (paper, sec. 3.1).
+        self.scale = 1.0 / math.sqrt(self.head_dim * (1 + len(self.terms)))
+        self.impl = cfg.attn_impl
+
+    # [..., L, H*D] -> [..., H, L, D]
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
+
+    def _pos_proj(self, rel: torch.Tensor, which: str) -> torch.Tensor:
+        """Project relative embeddings [P, h] -> [H, P, D] with the key ('k') or query ('q') projection."""
+        if which == "k":
+            proj = self.key_proj if self.share_att_key else self.pos_key_proj
+        else:
+            proj = self.query_proj if self.share_att_key else self.pos_query_proj
+        return self._heads(proj(rel))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pad: torch.Tensor | None,
+        rel_emb: torch.Tensor | None,
+        rel: "RelContext | None",
+    ) -> torch.Tensor:
+        q, k, v = (self._heads(p(x)) for p in (self.query_proj, self.key_proj, self.value_proj))
+        impl = self.impl
+        if impl == "auto":
+            impl = "sdpa" if q.is_cuda else "fused"
+        if impl == "flex" and self.training and self.attn_dropout > 0:
+            impl = "sdpa"
+        if impl == "eager":
+            out = self._eager(q, k, v, pad, rel_emb, rel)
+        elif impl == "flex":
+            out = self._flex(q, k, v, pad, rel_emb, rel)
+        else:
+            out = self._biased(q, k, v, pad, rel_emb, rel, fused=impl == "fused")
+        return out.transpose(-3, -2).flatten(-2)  # [B, L, H*D]
+
+    # ---- reference --------------------------------------------------------------------------
+    def _eager(self, q, k, v, pad, rel_emb, rel):
+        scores = q @ k.transpose(-1, -2) * self.scale
+        if self.terms:
+            full = self.pos_dropout(rel_emb)  # all 2k rows, no trimming
+            idx = (rel.idx + rel.lo).expand(q.shape[0], q.shape[1], -1, -1)  # untrimmed rows
+            if "c2p" in self.terms:
+                c2p = q @ self._pos_proj(full, "k").transpose(-1, -2)  # [B,H,L,2k]
+                scores = scores + torch.gather(c2p, -1, idx) * self.scale
+            if "p2c" in self.terms:
+                p2c = k @ self._pos_proj(full, "q").transpose(-1, -2)  # [B,H,L(key),2k]
+                scores = scores + torch.gather(p2c, -1, idx.transpose(-1, -2)).transpose(-1, -2) * self.scale
+        if pad is not None:
+            valid = pad[:, None, :, None] & pad[:, None, None, :]
+            scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
+        probs = F.dropout(scores.softmax(-1), self.attn_dropout, self.training)
+        return probs @ v
+
+    # ---- fused bias + SDPA ------------------------------------------------------------------------
+    def _bias(self, q, k, rel_emb, rel) -> torch.Tensor | None:
+        """c2p + p2c gathered into one [B,H,L,L] tensor, already scaled."""
+        if not self.terms:
+            return None
+        used = self.pos_dropout(rel_emb[rel.lo : rel.hi + 1])  # [P, h], P <= 2L-1
+        c2p = p2c = None
+        if "c2p" in self.terms:  # scale the small [H,P,D] table, not the [B,H,L,L] result
+            c2p = q @ (self._pos_proj(used, "k") * self.scale).transpose(-1, -2)  # [B,H,L,P]
+        if "p2c" in self.terms:
+            p2c = k @ (self._pos_proj(used, "q") * self.scale).transpose(-1, -2)  # [B,H,L(key),P]
+        return RelBias.apply(c2p, p2c, rel.idx)
+
+    def _biased(self, q, k, v, pad, rel_emb, rel, fused: bool):
+        bias = self._bias(q, k, rel_emb, rel)
+        if pad is not None:
+            # Padding queries: the reference masks their whole row, so they attend uniformly and
+            # get no gradient through their scores. Here their row is set to 0 (not to `min`: a row
+            # of `min` breaks the log-sum-exp that SDPA's flash backward recomputes) and their
+            # query vector to 0, which gives the same uniform attention and the same zero gradient.
+            q = q * pad[:, None, :, None].to(q.dtype)
+            if bias is None:
+                bias = torch.zeros((q.shape[0], 1, q.shape[2], q.shape[2]), dtype=q.dtype, device=q.device)
+            else:
+                bias = bias.masked_fill_(~pad[:, None, :, None], 0.0)
+            real_query_pad_key = pad[:, None, :, None] & ~pad[:, None, None, :]  # [B,1,L,L]
+            bias = bias.masked_fill_(real_query_pad_key, torch.finfo(bias.dtype).min)
+        if bias is not None and bias.dtype != q.dtype:  # autocast may leave q in bf16 and bias in fp32
+            bias = bias.to(q.dtype)
+        p = self.attn_dropout if self.training else 0.0
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, bias)
+        )
+        if fused and needs_grad:
+            return FusedAttention.apply(q, k, v, bias, self.scale, p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=self.scale)
+
+    # ---- FlexAttention ---------------------------------------------------------------------------
+    def _flex(self, q, k, v, pad, rel_emb, rel):
+        B, H, L, _ = q.shape
+        terms = self.terms
+        if terms:
+            used = self.pos_dropout(rel_emb[rel.lo : rel.hi + 1])
+            zeros = torch.zeros(B, H, L, 1, dtype=q.dtype, device=q.device)
+            c2p = q @ (self._pos_proj(used, "k") * self.scale).transpose(-1, -2) if "c2p" in terms else zeros
+            p2c = k @ (self._pos_proj(used, "q") * self.scale).transpose(-1, -2) if "p2c" in terms else zeros
+            idx = rel.idx
+        minval = torch.finfo(q.dtype).min
+        has_c2p, has_p2c = "c2p" in terms, "p2c" in terms
+
+        def score_mod(score, b, h, qi, kj):
+            if terms:
+                r = idx[qi, kj]
+                if has_c2p:
+                    score = score + c2p[b, h, qi, r]
+                if has_p2c:
+                    score = score + p2c[b, h, kj, r]
+            if pad is not None:
+                score = torch.where(pad[b, qi] & pad[b, kj], score, minval)
+            return score
+
+        return _flex_attention()(q, k, v, score_mod=score_mod, scale=self.scale)
+
+
+class RelBias(torch.autograd.Function):
+    """bias[b,h,i,j] = c2p[b,h,i,idx[i,j]] + p2c[b,h,j,idx[i,j]]: both gathers and the add in one step.
+
+    Same math as two `torch.gather` calls, but autograd's gather keeps its whole [B,H,L,P]
+    input alive for backward; only the index and the shapes are needed, which saves two
+    [B,H,L,L]-sized tensors per layer.
+    """
+
+    @staticmethod
+    def forward(ctx, c2p, p2c, idx):
+        ref = c2p if c2p is not None else p2c
+        B, H, L, _ = ref.shape
+        full = idx.expand(B, H, L, L)
+        bias = None
+        if c2p is not None:
+            bias = torch.gather(c2p, -1, full)
+        if p2c is not None:
+            t = torch.gather(p2c, -1, full.transpose(-1, -2)).transpose(-1, -2)
+            bias = t.contiguous() if bias is None else bias.add_(t)
+        ctx.save_for_backward(idx)
+        ctx.shapes = (None if c2p is None else c2p.shape, None if p2c is None else p2c.shape)
+        return bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        B, H, L, _ = grad.shape
+        full = idx.expand(B, H, L, L)
+        out = []
+        for shape, g, index in (
+            (ctx.shapes[0], grad, full),
+            (ctx.shapes[1], grad.transpose(-1, -2), full.transpose(-1, -2)),
+        ):
+            out.append(None if shape is None else grad.new_zeros(shape).scatter_add_(-1, index, g))
+        return out[0], out[1], None
+
+
+def _acc_dtype(dt: torch.dtype) -> torch.dtype:
+    return torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+
+
+def _keep_mask(shape, p: float, device) -> torch.Tensor:
+    """Bernoulli(1 - p) keep-mask from int16 random numbers (p rounded to a multiple of 2^-16)."""
+    threshold = -32768 + round(p * 65536)
+    return torch.randint(-32768, 32768, shape, dtype=torch.int16, device=device) >= threshold
+
+
+class FusedAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias) -> dropout -> @ v, saving only P (+ keep mask) for backward.
+
+    Backward (per row):  dP = dropout(dO v^T);  dS = P * (dP - sum_j P dP);
+    dq = dS k * scale;  dk = dS^T q * scale;  dbias = dS.
+    Works in the dtype of q (bf16 under autocast); the softmax is taken in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale: float, p: float):
+        with torch.autocast(q.device.type, enabled=False):
+            dt = q.dtype
+            k, v = k.to(dt), v.to(dt)
+            s = torch.matmul(q, k.transpose(-1, -2))
+            if bias is not None:
+                s = torch.add(bias.to(dt), s, alpha=scale)
+            else:
+                s = s.mul_(scale)
+            probs = torch.softmax(s, -1, dtype=_acc_dtype(dt)).to(dt)
+            del s
+            keep = None
+            if p > 0:
+                keep = _keep_mask(probs.shape, p, probs.device)
+                out = torch.matmul(probs.mul(keep).mul_(1.0 / (1.0 - p)), v)
+            else:
+                out = torch.matmul(probs, v)
+        ctx.save_for_backward(q, k, v, probs, keep)
+        ctx.scale, ctx.p, ctx.has_bias, ctx.bias_dtype = scale, p, bias is not None, (
+            bias.dtype if bias is not None else None
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, probs, keep = ctx.saved_tensors
+        scale, p = ctx.scale, ctx.p
+        with torch.autocast(q.device.type, enabled=False):
+            d_out = d_out.to(q.dtype)
+            if keep is not None:
+                dropped = probs.mul(keep).mul_(1.0 / (1.0 - p))
+                dv = torch.matmul(dropped.transpose(-1, -2), d_out)
+                del dropped
+                dp = torch.matmul(d_out, v.transpose(-1, -2)).mul_(keep).mul_(1.0 / (1.0 - p))
+            else:
+                dv = torch.matmul(probs.transpose(-1, -2), d_out)
+                dp = torch.matmul(d_out, v.transpose(-1, -2))
+            row = (dp * probs).sum(-1, keepdim=True, dtype=_acc_dtype(dp.dtype)).to(dp.dtype)
+            ds = dp.sub_(row).mul_(probs)  # gradient of the pre-softmax scores
+            dq = torch.matmul(ds, k).mul_(scale)
+            dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
+        dbias = ds.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return dq, dk, dv, dbias, None, None
+
+
+class RelContext:
+    """Relative index tensors shared by all layers of one forward pass."""
+
+    __slots__ = ("idx", "lo", "hi")
+
+    def __init__(self, idx: torch.Tensor, lo: int, hi: int):
+        self.idx, self.lo, self.hi = idx, lo, hi  # idx is offset so that row lo of the table is 0

@@ -1,0 +1,66 @@
+"""Relative positions for disentangled attention, with DeBERTa's log buckets.
+
+For query i and key j the relative distance is d = i - j. With `position_buckets`
+= 2m (256 in DeBERTa-v3, so m = 128), distances with |d| <= m keep their exact
+value, and longer ones are squeezed logarithmically so that |d| = max_rel - 1
+lands on bucket 2m - 1... (m + (m-1) = 255):
+
+    bucket(d) = sign(d) * (m + ceil(log(|d| / m) / log((max_rel - 1) / m) * (m - 1)))   for |d| > m
+
+The attention then looks up relative embedding `clamp(bucket(d) + k, 0, 2k - 1)`
+where k = att_span (the bucket count, or max_rel without buckets).
+
+Both the c2p and the p2c term read the same index matrix: p2c uses bucket(j - i)
+negated, and bucket is odd (bucket(-d) = -bucket(d)), so it is idx[i, j] again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def log_bucket(rel: torch.Tensor, buckets: int, max_rel: int) -> torch.Tensor:
+    """Map integer distances to log buckets. float32 math, exactly as the reference implementation does it."""
+    mid = buckets // 2
+    sign = torch.sign(rel)
+    # Inside (-mid, mid) the value is unused; mid - 1 keeps the log finite.
+    a = torch.where(rel.abs() < mid, torch.full_like(rel, mid - 1), rel.abs())
+    denom = torch.log(torch.tensor((max_rel - 1) / mid, dtype=torch.float32))
+    logd = torch.ceil(torch.log(a / mid) / denom * (mid - 1)) + mid
+    return torch.where(a <= mid, rel.to(logd.dtype), logd * sign).long()
+
+
+def rel_index(length: int, att_span: int, buckets: int, max_rel: int, device=None) -> torch.Tensor:
+    """idx[i, j] = clamp(bucket(i - j) + att_span, 0, 2 * att_span - 1), shape [L, L], int64."""
+    pos = torch.arange(length, device=device)
+    rel = pos[:, None] - pos[None, :]
+    if buckets > 0 and max_rel > 0:
+        rel = log_bucket(rel, buckets, max_rel)
+    return (rel + att_span).clamp_(0, 2 * att_span - 1)
+
+
+class RelIndexCache:
+    """Per-length cache of the index matrix, trimmed to the embedding rows a length actually uses.
+
+    For L = 128 with 256 buckets only rows 129..383 of the 512 relative embeddings can be
+    addressed, so projecting all 512 would waste 2x the c2p/p2c matmul work and memory.
+    Returns (idx - lo, lo, hi): rows lo..hi inclusive are the ones to project.
+    """
+
+    def __init__(self, att_span: int, buckets: int, max_rel: int):
+        self.att_span, self.buckets, self.max_rel = att_span, buckets, max_rel
+        self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, int, int]] = {}
+
+    def get(self, length: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
+        key = (length, device)
+        if key not in self._cache:
+            idx = rel_index(length, self.att_span, self.buckets, self.max_rel, device=device)
+            lo, hi = int(idx.min()), int(idx.max())
+            self._cache[key] = (idx - lo, lo, hi)
+        return self._cache[key]
+
+
+def used_rows(length: int, att_span: int) -> int:
+    """Upper bound of relative rows touched for a length (for docs and FLOP counts)."""
+    return min(2 * att_span, 2 * length - 1)
+

@@ -1,0 +1,471 @@
+"""The one training loop of vegalm (pretraining and fine-tuning), on Hugging Face Accelerate.
+
+    def objective(model, batch):                     # may run several forward passes
+        out = model(**batch)
+        return out.loss, {"tokens": float(batch["attention_mask"].sum())}
+
+    trainer = Trainer(model, objective, dataset, collate, TrainConfig(lr=3e-4, max_steps=500), "runs/x")
+    summary = trainer.train(resume=True)            # resume=True continues from runs/x/checkpoints/latest
+
+Launch: `python train.py` (1 process), `torchrun --nproc_per_node 8 train.py`, or
+`accelerate launch --config_file configs/accelerate/ddp.yaml train.py`. `batch_size` is the GLOBAL
+batch of one optimizer step; each process gets batch_size / (processes x grad_accum) examples per
+micro-batch, and the data order does not depend on the number of processes (see sampler.py).
+
+What one step does: grad_accum micro-batches (objective -> backward, gradients synchronised only on
+the last), then one all-gather of the micro-batch losses so every process sees the same values. If any
+is NaN/inf the step is skipped on all processes (gradients zeroed, no update) and counted; after
+`max_bad_steps` skipped steps in a row training stops with `NonFiniteLossError`. Otherwise: clip to
+`max_grad_norm`, optimizer step. Skipped steps still consume their data and advance the LR schedule,
+so `step` always counts global batches and the lr is a pure function of `step`.
+
+Reproducibility: the loop seeds python/numpy/torch with `seed + process index` just before training
+(dropout masks differ between processes), and a checkpoint stores every RNG state, so a resumed run is
+bit-identical to an uninterrupted one on CPU, provided `num_workers == 0` (worker processes restart
+from fresh seeds on resume) and the model is deterministic.
+
+Resume is supported for a single process and DDP. Under FSDP / DeepSpeed (configs/accelerate/, untested
+on CPU) the checkpoints hold the gathered model weights only, `train(resume=True)` refuses to run, and
+DeepSpeed applies its optimizer step inside backward, so a non-finite step is only skipped by DeepSpeed's
+own fp16 overflow check.
+
+Processes must agree: the objective must return the same log keys on every process, and a callback
+that sets `should_stop` must set it on every process.
+
+Outputs: out_dir/metrics.jsonl (one line per log step), out_dir/tb (TensorBoard), out_dir/checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, send_to_device, set_seed
+from torch import Tensor, nn
+
+from vegalm.config import ConfigError
+from vegalm.errors import VegaError
+from vegalm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir_name
+from vegalm.train.optim import SCHEDULES, build_optimizer, build_scheduler
+from vegalm.train.sampler import ResumableBatchSampler
+
+log = logging.getLogger(__name__)
+
+Objective = Callable[[nn.Module, dict], tuple[Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-6
+    max_steps: int = 1000  # optimizer steps
+    epochs: float | None = None  # if set, replaces max_steps: ceil(epochs x steps per epoch)
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used if warmup_steps == 0
+    schedule: str = "linear"  # linear | cosine | constant
+    batch_size: int = 32  # GLOBAL batch per optimizer step (all processes x accumulation)
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    seed: int = 42
+    log_every: int = 10
+    save_every: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    max_bad_steps: int = 5  # consecutive non-finite losses before stopping with a diagnostic
+    num_workers: int = 0
+    fused_adamw: bool = True  # torch AdamW(fused=True) where supported; falls back to foreach
+    progress: bool = True
+
+    def check(self) -> None:
+        """Raise ConfigError naming the key of an impossible value."""
+        rules = [
+            ("mixed_precision", self.mixed_precision in ("no", "bf16", "fp16"), "one of no, bf16, fp16"),
+            ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("grad_accum", self.grad_accum >= 1, ">= 1"),
+            ("max_steps", self.epochs is not None or self.max_steps >= 1, ">= 1"),
+            ("epochs", self.epochs is None or self.epochs > 0, "> 0"),
+            ("lr", self.lr >= 0, ">= 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "in [0, 1)"),
+            ("log_every", self.log_every >= 1, ">= 1"),
+            ("save_every", self.save_every >= 0, ">= 0"),
+            ("keep_last", self.keep_last >= 1, ">= 1"),
+            ("max_bad_steps", self.max_bad_steps >= 1, ">= 1"),
+            ("num_workers", self.num_workers >= 0, ">= 0"),
+        ]
+        for key, ok, want in rules:
+            if not ok:
+                raise ConfigError(f"train.{key}: expected {want}, got {getattr(self, key)!r}")
+
+
+class NonFiniteLossError(VegaError):
+    """Training stopped after `max_bad_steps` consecutive non-finite losses."""
+
+
+class _Window:
+    """Sums over the steps since the last log line (local to this process except loss / grad norm)."""
+
+    def __init__(self) -> None:
+        self.steps = self.good = 0
+        self.loss = 0.0
+        self.grad_norm: Tensor | float = 0.0
+        self.tokens = 0.0
+        self.extra: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        train_dataset: torch.utils.data.Dataset,
+        collate_fn: Callable | None,
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        param_groups: list[dict] | None = None,
+        callbacks: list = (),
+        accelerator: Accelerator | None = None,
+    ):
+        cfg.check()
+        self.cfg = cfg
+        self.objective = objective
+        self.callbacks = list(callbacks)
+        self.out_dir = Path(out_dir)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+        if accelerator is None:
+            # step_scheduler_with_optimizer=False: we never hand the scheduler to accelerate anyway
+            # (its wrapper steps it once per process), but say so for anyone reusing this accelerator.
+            accelerator = Accelerator(
+                mixed_precision=cfg.mixed_precision,
+                gradient_accumulation_steps=cfg.grad_accum,
+                step_scheduler_with_optimizer=False,
+                # Accelerate only sets up multi-process CPU training (gloo) when told cpu=True; without it
+                # torchrun on a CPU-only machine gives N independent single-process runs.
+                cpu=launched > 1 and not _has_accelerator_device(),
+            )
+        else:
+            accelerator.gradient_accumulation_steps = cfg.grad_accum
+        if launched > 1 and accelerator.num_processes != launched:
+            raise VegaError(
+                f"launched with WORLD_SIZE={launched} but Accelerate set up {accelerator.num_processes} process(es); "
+                "on CPU create the Accelerator with cpu=True (or let the Trainer create it)"
+            )
+        self.accelerator = acc = accelerator
+        self.sampler = ResumableBatchSampler(
+            len(train_dataset), cfg.batch_size, cfg.grad_accum, acc.process_index, acc.num_processes, cfg.seed
+        )
+        if cfg.epochs is not None:
+            self.max_steps = max(1, math.ceil(cfg.epochs * self.sampler.steps_per_epoch))
+        else:
+            self.max_steps = cfg.max_steps
+        self.loader = torch.utils.data.DataLoader(
+            train_dataset,
+            batch_sampler=self.sampler,
+            collate_fn=collate_fn,
+            num_workers=cfg.num_workers,
+            pin_memory=acc.device.type == "cuda",
+            # Its own generator: creating an iterator must not draw from the global torch RNG,
+            # or a resumed run (new iterator mid-epoch) would diverge from an uninterrupted one.
+            generator=torch.Generator().manual_seed(cfg.seed + acc.process_index),
+        )
+        if acc.distributed_type == DistributedType.DEEPSPEED:  # untested here (no GPUs): fill DeepSpeed's batch keys,
+            ds = acc.state.deepspeed_plugin.deepspeed_config  # since it never sees our DataLoader
+            ds["train_micro_batch_size_per_gpu"] = self.sampler.local_batch
+            ds["gradient_accumulation_steps"] = cfg.grad_accum
+            ds["gradient_clipping"] = cfg.max_grad_norm
+        model.to(acc.device)  # before building the optimizer, so fused AdamW sees the real device
+        optimizer = build_optimizer(model, cfg, param_groups)
+        self.wrapped_model, self.optimizer = acc.prepare(model, optimizer)
+        self.scheduler = build_scheduler(_inner(self.optimizer), cfg, self.max_steps)
+        self.step = 0
+        self.bad_streak = 0  # consecutive skipped steps
+        self.bad_total = 0
+        self.last_metrics: dict[str, Any] = {}
+        self._bad_losses: list[list[float]] = []  # loss values of the current streak (diagnostic)
+        self._writer = None
+        self._step_lr = 0.0  # lr used by the latest update
+        self.should_stop = False  # a callback may set it (on every process): the loop saves and returns
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.wrapped_model)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def _sharded(self) -> bool:
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainer_state(self) -> dict[str, Any]:
+        scaler = self.accelerator.scaler
+        return {
+            "step": self.step,
+            "max_steps": self.max_steps,
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "bad_streak": self.bad_streak,
+            "bad_total": self.bad_total,
+            "num_processes": self.accelerator.num_processes,
+            "config": dataclasses.asdict(self.cfg),
+        }
+
+    def save(self) -> Path:
+        """Write a checkpoint for the current step (collective: every process must call it)."""
+        acc = self.accelerator
+        kwargs: dict[str, Any] = dict(model=self.model, optimizer=_inner(self.optimizer))
+        if self._sharded:  # gathered full weights; optimizer shards are not saved (resume unsupported)
+            kwargs = dict(model=None, optimizer=None, model_state=acc.get_state_dict(self.wrapped_model))
+        return save_checkpoint(
+            self.ckpt_root,
+            self.step,
+            trainer_state=self._trainer_state(),
+            keep_last=self.cfg.keep_last,
+            rank=acc.process_index,
+            is_main=self.is_main,
+            barrier=acc.wait_for_everyone,
+            **kwargs,
+        )
+
+    def _resume(self) -> bool:
+        path = latest_checkpoint(self.ckpt_root)
+        if path is None:
+            if self.is_main:
+                log.info("no checkpoint under %s: starting from scratch", self.ckpt_root)
+            return False
+        if self._sharded:
+            raise VegaError(f"{path}: resume is supported for single-process and DDP runs only, not FSDP/DeepSpeed")
+        state = load_checkpoint(path, model=self.model, optimizer=_inner(self.optimizer),
+                                rank=self.accelerator.process_index)
+        if state["num_processes"] != self.accelerator.num_processes and self.is_main:
+            log.warning("%s was written by %d processes, resuming with %d: not bit-exact",
+                        path, state["num_processes"], self.accelerator.num_processes)
+        self.step = int(state["step"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        if state["scaler"] is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.bad_streak, self.bad_total = int(state["bad_streak"]), int(state["bad_total"])
+        if self.is_main:
+            log.info("resumed from %s (step %d)", path, self.step)
+        return True
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, resume: bool = False) -> dict[str, Any]:
+        """Train to `max_steps` (or until a callback sets `should_stop`), checkpoint, return a summary:
+        {step, loss (last logged), skipped_steps, elapsed, checkpoint, metrics (last log line)}."""
+        acc, cfg = self.accelerator, self.cfg
+        self.should_stop = False
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self._tb()  # opened before the RNGs are seeded / restored, so it cannot shift them
+        if not (resume and self._resume()):
+            set_seed(cfg.seed + acc.process_index)  # after any RNG use by model construction
+        if self.is_main:
+            self._trim_metrics()
+        acc.step = 0  # accelerate's micro-batch counter: a step boundary
+        model = self.wrapped_model
+        model.train()
+        it = iter(self.loader)
+        pbar = None
+        if cfg.progress and self.is_main:
+            from tqdm.auto import tqdm
+
+            pbar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        t_start = time.perf_counter()
+        win = _Window()
+        last_saved = self.step if resume and self.step > 0 else -1
+        try:
+            while self.step < self.max_steps:
+                self._one_step(model, it, win)
+                if pbar is not None:
+                    pbar.update(1)
+                for cb in self.callbacks:
+                    if hasattr(cb, "on_step_end"):
+                        cb.on_step_end(self, self.step)
+                if self.step % cfg.log_every == 0 or self.step == self.max_steps:
+                    self._log(win, t_start, pbar)
+                    win = _Window()
+                if self.should_stop:
+                    break
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.max_steps:
+                    self.save()
+                    last_saved = self.step
+            if self.should_stop and self.step % cfg.log_every and self.step != self.max_steps:
+                self._log(win, t_start, pbar)  # the partial window
+            ckpt = self.save() if last_saved != self.step else self.ckpt_root / step_dir_name(self.step)
+        finally:
+            if pbar is not None:
+                pbar.close()
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        return {
+            "step": self.step,
+            "loss": self.last_metrics.get("loss"),
+            "skipped_steps": self.bad_total,
+            "elapsed": time.perf_counter() - t_start,
+            "checkpoint": str(ckpt),
+            "metrics": dict(self.last_metrics),
+        }
+
+    def _one_step(self, model: nn.Module, it, win: _Window) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        losses, extra, tokens = [], {}, 0.0
+        for _ in range(cfg.grad_accum):
+            batch = send_to_device(next(it), acc.device)
+            with acc.accumulate(model):  # no gradient all-reduce except on the last micro-batch
+                with acc.autocast():
+                    loss, logs = self.objective(model, batch)
+                acc.backward(loss)  # divides by grad_accum (and scales for fp16)
+            losses.append(loss.detach().float().reshape(()))
+            for k, v in logs.items():
+                if k == "tokens":
+                    tokens += float(v)
+                else:
+                    extra[k] = extra.get(k, 0.0) + float(v) / cfg.grad_accum
+        all_losses = acc.gather(torch.stack(losses))  # every process gets every micro-batch loss
+        step_loss = all_losses.mean()
+        finite = bool(torch.isfinite(step_loss))
+        grad_norm = None
+        if finite:
+            if cfg.max_grad_norm > 0:
+                grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            self.bad_streak = 0
+            self._bad_losses = []
+        else:
+            self.bad_streak += 1
+            self.bad_total += 1
+            self._bad_losses.append(all_losses.tolist())
+        self.optimizer.zero_grad(set_to_none=True)
+        self._step_lr = max(g["lr"] for g in _inner(self.optimizer).param_groups)
+        with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
+            self.scheduler.step()
+        self.sampler.advance()
+        self.step += 1
+        win.steps += 1
+        win.tokens += tokens
+        if finite:
+            win.good += 1
+            win.loss += float(step_loss)
+            if grad_norm is not None:
+                win.grad_norm = win.grad_norm + grad_norm.detach().float()
+            for k, v in extra.items():
+                win.extra[k] = win.extra.get(k, 0.0) + v
+        else:
+            self._report_bad_step()
+
+    def _report_bad_step(self) -> None:
+        cfg = self.cfg
+        first = self.step - self.bad_streak + 1
+        values = ", ".join(f"{v:g}" for v in self._bad_losses[-1])
+        if self.is_main:
+            log.warning("step %d: non-finite loss (%s); update skipped (%d in a row, %d in total)",
+                        self.step, values, self.bad_streak, self.bad_total)
+        if self.bad_streak >= cfg.max_bad_steps:
+            hint = "lower train.lr or use a longer warm-up"
+            if cfg.mixed_precision == "fp16":
+                hint += "; fp16 overflows easily: use mixed_precision=bf16 (or no)"
+            else:
+                hint += "; check the data for empty or all-padding batches"
+            raise NonFiniteLossError(
+                f"stopping at step {self.step}: the loss was non-finite for {self.bad_streak} steps in a row "
+                f"(steps {first}-{self.step}; last micro-batch losses: {values}); {hint}"
+            )
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, win: _Window, t_start: float, pbar) -> None:
+        acc = self.accelerator
+        keys = sorted(win.extra)
+        # tokens and the objective's values are per-process: sum them over processes (same key order everywhere)
+        local = torch.tensor([win.tokens, *(win.extra[k] for k in keys)], dtype=torch.float64, device=acc.device)
+        total = acc.reduce(local, reduction="sum").tolist() if acc.num_processes > 1 else local.tolist()
+        dt = max(time.perf_counter() - win.t0, 1e-9)
+        good = max(win.good, 1)
+        metrics: dict[str, Any] = {
+            "step": self.step,
+            "loss": win.loss / win.good if win.good else None,
+            "lr": self._step_lr,  # of the window's last update (the largest group lr under layer-wise decay)
+            "grad_norm": float(win.grad_norm) / good if win.good and self.cfg.max_grad_norm > 0 else None,
+            "tokens_per_s": total[0] / dt,
+            "elapsed": time.perf_counter() - t_start,
+            "skipped_steps": self.bad_total,
+        }
+        for k, v in zip(keys, total[1:]):
+            metrics[k] = v / (good * acc.num_processes)
+        self.last_metrics = metrics
+        if pbar is not None:
+            pbar.set_postfix(
+                loss=f"{metrics['loss']:.4f}" if metrics["loss"] is not None else "nan",
+                tok_s=f"{metrics['tokens_per_s']:.0f}",
+                lr=f"{metrics['lr']:.2e}",
+                refresh=False,
+            )
+        if self.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+            writer = self._tb()
+            for k, v in metrics.items():
+                if k != "step" and v is not None:
+                    writer.add_scalar(f"train/{k}", v, self.step)
+        for cb in self.callbacks:
+            if hasattr(cb, "on_log"):
+                cb.on_log(self, metrics)
+
+    def _trim_metrics(self) -> None:
+        """Drop metrics.jsonl lines past the current step (a fresh run empties it; a resume drops the
+        lines logged after the checkpoint, which will be logged again)."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                if json.loads(line).get("step", 0) <= self.step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+        path.write_text("".join(kept), encoding="utf-8")
+
+    def _tb(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.out_dir / "tb"))
+        return self._writer
+
+
+def _has_accelerator_device() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
+
+
+def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's AcceleratedOptimizer wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)

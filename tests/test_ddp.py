@@ -1,0 +1,79 @@
+"""Multi-process data parallelism on CPU: `torchrun --nproc_per_node 2` (gloo) against one process.
+
+`accelerate launch --cpu --num_processes 2` would silently run ONE process here, hence torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+TESTS = Path(__file__).resolve().parent
+SCRIPT = TESTS / "_tiny_train.py"
+sys.path.insert(0, str(TESTS))
+import _tiny_train as tiny  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="no gloo backend"
+)
+
+
+def torchrun(out: Path, *args: str) -> None:
+    torchrun_bin = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun_bin)] if torchrun_bin.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [*launcher, "--standalone", "--nproc_per_node", "2", str(SCRIPT), "--out", str(out), *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("TRAINING_STARTED") == 1  # printed by the main process only
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "checkpoints" / f"step-{step:06d}" / "model.safetensors"))
+
+
+def test_two_processes_match_one(tmp_path):
+    steps, common = 10, ["--steps", "10", "--batch-size", "8", "--dropout", "0", "--log-every", "1"]
+    # 2 processes x 2 accumulation micro-batches x 2 examples = the same global batch of 8
+    torchrun(tmp_path / "ddp", *common, "--grad-accum", "2")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.set_num_threads(1)
+    tiny.build(tiny.parse(["--out", str(tmp_path / "one"), *common])).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    one, ddp = metrics(tmp_path / "one"), metrics(tmp_path / "ddp")
+    assert [m["step"] for m in ddp] == list(range(1, steps + 1))  # one line per step: only rank 0 writes
+    rel = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(one, ddp))
+    print(f"max relative loss difference, 1 vs 2 processes: {rel:.2e}")
+    assert rel < 1e-5
+    assert [m["accuracy"] for m in ddp] == pytest.approx([m["accuracy"] for m in one], abs=1e-6)
+    w1, w2 = weights(tmp_path / "one", steps), weights(tmp_path / "ddp", steps)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+    ckpt = tmp_path / "ddp" / "checkpoints" / f"step-{steps:06d}"
+    assert (ckpt / "rng_rank0.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()
+
+
+@pytest.mark.slow  # three torchrun launches: ~20-35 s on 2 shared cores
+def test_ddp_resume_is_bit_exact(tmp_path):
+    """Per-process RNG files: 2 processes with dropout, stop at 4, resume to 8 == straight 8."""
+    common = ["--steps", "8", "--batch-size", "8", "--dropout", "0.1", "--save-every", "4"]
+    torchrun(tmp_path / "straight", *common)
+    torchrun(tmp_path / "resumed", *common, "--stop-after", "4")
+    torchrun(tmp_path / "resumed", *common, "--resume")
+    a, b = weights(tmp_path / "straight", 8), weights(tmp_path / "resumed", 8)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in metrics(tmp_path / "straight")] == [m["loss"] for m in metrics(tmp_path / "resumed")]

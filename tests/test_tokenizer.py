@@ -1,0 +1,122 @@
+"""Unigram tokenizer: fixed special ids, AutoTokenizer round trip (singles, pairs, truncation, padding), decode."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+
+from vegalm.data.corpus import iter_documents
+from vegalm.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, tokenizer_train_main, train_tokenizer
+from vegalm.errors import VegaError
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpus"
+WIKI = DATA / "wikipedia"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    # 2000 real documents (~4 MB); a small seed set, fast shrinking and one EM sub-iteration keep it to seconds.
+    hf = train_tokenizer(str(WIKI / "wiki-000.txt.gz"), 1500, out, max_docs=2000, seed_size=20_000,
+                         shrinking_factor=0.5, n_sub_iterations=1, progress=False)
+    return hf, out, Tokenizer.from_file(str(out / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def sentences():
+    """~100 real sentences from a file the tokenizer did not see."""
+    out = []
+    for doc in iter_documents(WIKI / "wiki-001.txt.gz", max_docs=60):
+        out += [s.strip() for s in re.split(r"(?<=\.) ", doc.replace("\n", " ")) if len(s.split()) >= 4]
+    assert len(out) >= 100
+    return out[:100]
+
+
+def test_special_ids_fixed_and_saved_files(trained):
+    hf, out, raw = trained
+    assert [raw.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert hf.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == [0, 1, 2, 3, 4]
+    assert (hf.pad_token_id, hf.cls_token_id, hf.sep_token_id, hf.unk_token_id, hf.mask_token_id) == (0, 1, 2, 3, 4)
+    assert 1000 < len(hf) <= 1500
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    info = json.loads((out / "vegalm_tokenizer.json").read_text())
+    assert info["corpus_stats"]["docs"] == 2000
+
+
+def test_round_trip_single_sentences(trained, sentences):
+    _, out, raw = trained
+    auto = load_tokenizer(out)
+    for s in sentences:
+        enc, got = raw.encode(s), auto(s)
+        assert got["input_ids"] == enc.ids
+        assert got["token_type_ids"] == enc.type_ids == [0] * len(enc.ids)
+        assert got["attention_mask"] == enc.attention_mask
+        assert enc.ids[0] == 1 and enc.ids[-1] == 2
+
+
+def test_round_trip_pairs_token_type_ids(trained, sentences):
+    _, out, raw = trained
+    auto = load_tokenizer(out)
+    for a, b in zip(sentences[::2], sentences[1::2]):
+        enc, got = raw.encode(a, b), auto(a, b)
+        assert got["input_ids"] == enc.ids and got["token_type_ids"] == enc.type_ids
+        n_a = len(raw.encode(a).ids)  # [CLS] A [SEP]
+        assert enc.type_ids == [0] * n_a + [1] * (len(enc.ids) - n_a)
+        assert enc.ids[n_a - 1] == 2 and enc.ids[-1] == 2
+
+
+def test_round_trip_truncation_and_padding(trained, sentences):
+    _, out, _ = trained
+    auto = load_tokenizer(out)
+    raw = Tokenizer.from_file(str(out / "tokenizer.json"))
+    raw.enable_truncation(max_length=12)
+    for a, b in zip(sentences[::2], sentences[1::2]):
+        for args in ((a,), (a, b)):
+            enc, got = raw.encode(*args), auto(*args, truncation=True, max_length=12)
+            assert got["input_ids"] == enc.ids and got["token_type_ids"] == enc.type_ids
+            assert len(enc.ids) <= 12 and enc.ids[-1] == 2
+    raw.no_truncation()
+    raw.enable_padding(pad_id=0, pad_token="[PAD]")
+    encs = raw.encode_batch(sentences[:8])
+    got = auto(sentences[:8], padding=True)
+    assert got["input_ids"] == [e.ids for e in encs]
+    assert got["attention_mask"] == [e.attention_mask for e in encs]
+    assert any(0 in m for m in got["attention_mask"])  # padding really happened
+
+
+def test_decode_and_case(trained, sentences):
+    hf, _, raw = trained
+    checked = 0
+    for s in sentences:
+        ids = hf(s)["input_ids"]
+        if 3 in ids:  # a character outside the small vocabulary; decoding cannot restore it
+            continue
+        assert hf.decode(ids, skip_special_tokens=True) == raw.normalizer.normalize_str(s)
+        checked += 1
+    assert checked >= 50
+    assert hf.decode(hf("Paris is big.")["input_ids"]) == "[CLS] Paris is big.[SEP]"
+    assert hf("Paris")["input_ids"] != hf("paris")["input_ids"]  # case is kept
+    assert raw.normalizer.normalize_str("  a\u00a0b\n\tc\x00 ") == "a b c"
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(VegaError, match="not found"):
+        load_tokenizer(tmp_path / "missing")
+    with pytest.raises(VegaError, match="not found"):
+        load_tokenizer(str(tmp_path / "missing"))
+    with pytest.raises(VegaError, match="not a tokenizer folder"):
+        load_tokenizer(tmp_path)
+
+
+def test_cli_main_and_bad_inputs(tmp_path, capsys):
+    corpus = str(DATA / "gutenberg" / "blake-poems.txt.gz") + "," + str(WIKI / "wiki-002.txt.gz")
+    assert tokenizer_train_main(corpus, 300, str(tmp_path / "t"), max_docs=100) == 0
+    assert "vocab" in capsys.readouterr().out
+    assert load_tokenizer(tmp_path / "t")("hello")["input_ids"][0] == 1
+    with pytest.raises(VegaError, match="no files match"):
+        train_tokenizer(str(tmp_path / "*.txt.gz"), 300, tmp_path / "u")
+    with pytest.raises(VegaError, match="vocab_size"):
+        train_tokenizer(str(WIKI / "wiki-002.txt.gz"), 3, tmp_path / "u")

@@ -1,0 +1,273 @@
+"""In-process tests of the training loop, optimizer groups, schedule and sampler (tiny model, CPU, ~seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from vegalm.config import ConfigError, from_dict
+from vegalm.errors import VegaError
+from vegalm.train.checkpoint import capture_rng, restore_rng
+from vegalm.train.optim import default_layer_id, layerwise_lr_groups, lr_multiplier, no_decay_names
+from vegalm.train.sampler import ResumableBatchSampler
+from vegalm.train.trainer import NonFiniteLossError, TrainConfig, Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _tiny_train as tiny  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.set_num_threads(1)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def make_trainer(out: Path, nan_at=(), callbacks=(), n=128, dropout=0.1, **overrides) -> Trainer:
+    torch.manual_seed(0)
+    model = tiny.TinyModel(dropout=dropout)
+    kw = dict(lr=1e-2, max_steps=20, warmup_steps=2, batch_size=16, log_every=1, progress=False, seed=0)
+    kw.update(overrides)
+    ref: dict = {}
+    trainer = Trainer(model, tiny.make_objective(set(nan_at), ref), tiny.TinyDataset(n), tiny.collate,
+                      TrainConfig(**kw), out, callbacks=list(callbacks))
+    ref["trainer"] = trainer
+    return trainer
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+class Snapshots:
+    def __init__(self):
+        self.params: dict[int, list[torch.Tensor]] = {}
+
+    def on_step_end(self, trainer, step):
+        self.params[step] = [p.detach().clone() for p in trainer.model.parameters()]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------- training
+def test_loss_decreases_and_outputs(tmp_path):
+    logs = []
+
+    class OnLog:
+        def on_log(self, trainer, metrics):
+            logs.append(metrics)
+
+    trainer = make_trainer(tmp_path, callbacks=[OnLog()], max_steps=60)
+    summary = trainer.train()
+    losses = [m["loss"] for m in read_metrics(tmp_path)]
+    assert len(losses) == 60 and len(logs) == 60
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first - 0.1, (first, last)
+    assert summary["step"] == 60 and summary["skipped_steps"] == 0
+    line = read_metrics(tmp_path)[-1]
+    for key in ("step", "loss", "lr", "tokens_per_s", "elapsed", "grad_norm", "accuracy"):
+        assert key in line, key
+    assert line["tokens_per_s"] > 0 and 0.0 <= line["accuracy"] <= 1.0
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert (tmp_path / "checkpoints" / "step-000060" / "model.safetensors").is_file()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000060"
+
+
+def test_log_window_averages(tmp_path):
+    make_trainer(tmp_path / "a", max_steps=8, log_every=1).train()
+    make_trainer(tmp_path / "b", max_steps=8, log_every=4).train()
+    per_step = [m["loss"] for m in read_metrics(tmp_path / "a")]
+    windows = read_metrics(tmp_path / "b")
+    assert [m["step"] for m in windows] == [4, 8]
+    assert windows[0]["loss"] == pytest.approx(sum(per_step[:4]) / 4, rel=1e-6)
+    assert windows[1]["loss"] == pytest.approx(sum(per_step[4:]) / 4, rel=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_schedule_shape(schedule):
+    T, W = 20, 4
+    f = [lr_multiplier(s, T, W, schedule) for s in range(T + 1)]
+    assert f[:W] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # first update already at lr > 0
+    assert f[W] == pytest.approx(1.0)
+    if schedule == "constant":
+        assert f[W:] == pytest.approx([1.0] * (T + 1 - W))
+        return
+    assert all(a >= b for a, b in zip(f[W:], f[W + 1 :])), "not monotone after warm-up"
+    assert f[T] == pytest.approx(0.0, abs=1e-12)
+    mid = lr_multiplier(W + (T - W) // 2, T, W, schedule)
+    assert mid == pytest.approx(0.5)  # both linear and cosine are at one half halfway through
+    quarter = lr_multiplier(W + (T - W) // 4, T, W, schedule)
+    assert quarter == pytest.approx(0.75 if schedule == "linear" else (1 + math.cos(math.pi / 4)) / 2)
+
+
+def test_trainer_follows_schedule(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=10, warmup_ratio=0.2, schedule="cosine", lr=1e-3)
+    trainer.train()
+    got = [m["lr"] for m in read_metrics(tmp_path)]
+    want = [1e-3 * lr_multiplier(s, 10, 2, "cosine") for s in range(10)]
+    assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_nan_steps_are_skipped_and_counted(tmp_path):
+    snaps = Snapshots()
+    trainer = make_trainer(tmp_path, nan_at={3, 4, 7}, callbacks=[snaps], max_steps=9, max_bad_steps=3)
+    summary = trainer.train()
+    assert summary["skipped_steps"] == 3
+    assert same(snaps.params[2], snaps.params[3]) and same(snaps.params[3], snaps.params[4])
+    assert same(snaps.params[6], snaps.params[7])
+    assert not same(snaps.params[4], snaps.params[5]) and not same(snaps.params[1], snaps.params[2])
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    opt = trainer.optimizer.optimizer
+    adam_steps = {float(opt.state[p]["step"]) for g in opt.param_groups for p in g["params"]}
+    assert adam_steps == {6.0}  # 9 steps, 3 skipped
+    lines = read_metrics(tmp_path)
+    assert [m["loss"] is None for m in lines] == [s in (3, 4, 7) for s in range(1, 10)]
+    assert lines[-1]["skipped_steps"] == 3
+
+
+def test_nan_streak_stops_with_diagnostic(tmp_path):
+    trainer = make_trainer(tmp_path, nan_at={3, 4, 5, 6}, max_steps=10, max_bad_steps=3, mixed_precision="no")
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.train()
+    msg = str(err.value)
+    assert "step 5" in msg and "3 steps in a row" in msg and "steps 3-5" in msg and "nan" in msg
+    assert "lower train.lr" in msg
+    assert isinstance(err.value, VegaError)
+
+
+def test_grad_accum_matches_full_batch(tmp_path):
+    a = make_trainer(tmp_path / "a", dropout=0.0, max_steps=6, batch_size=16, grad_accum=1)
+    a.train()
+    wa = [p.detach().clone() for p in a.model.parameters()]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    b = make_trainer(tmp_path / "b", dropout=0.0, max_steps=6, batch_size=16, grad_accum=4)
+    b.train()
+    for x, y in zip(wa, b.model.parameters()):
+        torch.testing.assert_close(x, y.detach(), rtol=1e-4, atol=1e-5)  # Adam magnifies rounding of tiny grads
+    la = [m["loss"] for m in read_metrics(tmp_path / "a")]
+    lb = [m["loss"] for m in read_metrics(tmp_path / "b")]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_epochs_convert_to_steps(tmp_path):
+    trainer = make_trainer(tmp_path, n=70, batch_size=8, epochs=1.5)  # 8 full batches per epoch (6 dropped)
+    assert trainer.sampler.steps_per_epoch == 8 and trainer.max_steps == 12
+
+
+def test_should_stop_saves_and_returns(tmp_path):
+    class Stop:
+        def on_step_end(self, trainer, step):
+            trainer.should_stop = step == 5
+
+    summary = make_trainer(tmp_path, callbacks=[Stop()], max_steps=20, log_every=4).train()
+    assert summary["step"] == 5 and summary["checkpoint"].endswith("step-000005")
+    assert [m["step"] for m in read_metrics(tmp_path)] == [4, 5]
+
+
+# ----------------------------------------------------------------------------- optimizer groups
+def test_default_param_groups_skip_bias_and_layernorm(tmp_path):
+    trainer = make_trainer(tmp_path, weight_decay=0.05)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    groups = {g["group"]: g for g in trainer.optimizer.param_groups}
+    no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
+    decay = {names[id(p)] for p in groups["decay"]["params"]}
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.05
+    assert "layers.0.norm.weight" in no_decay and "layers.1.norm.bias" in no_decay and "head.bias" in no_decay
+    assert decay == {"embeddings.weight", "layers.0.fc.weight", "layers.1.fc.weight", "head.weight"}
+    assert len(no_decay) + len(decay) == len(names)
+    assert trainer.optimizer.param_groups[0]["fused"] is True  # CPU fused AdamW in this torch
+
+
+def test_layerwise_lr_groups():
+    model = tiny.TinyModel()
+    groups = layerwise_lr_groups(model, base_lr=1.0, decay=0.5, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lr_of = {names[id(p)]: (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert lr_of["head.weight"] == (1.0, 0.1) and lr_of["head.bias"] == (1.0, 0.0)
+    assert lr_of["layers.1.fc.weight"] == (0.5, 0.1) and lr_of["layers.1.norm.weight"] == (0.5, 0.0)
+    assert lr_of["layers.0.fc.weight"] == (0.25, 0.1)
+    assert lr_of["embeddings.weight"] == (0.125, 0.1)
+    assert default_layer_id("deberta.encoder.layer.11.attention.self.query_proj.weight") == 11
+    assert default_layer_id("deberta.embeddings.word_embeddings.weight") == -1
+    assert default_layer_id("model.layers.3.mlp.weight") == 3
+    assert default_layer_id("classifier.weight") is None
+    assert "layers.0.norm.weight" in no_decay_names(model)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="lrr"):
+        from_dict(TrainConfig, {"lrr": 1.0})
+    assert from_dict(TrainConfig, {"epochs": 3, "lr": 1}).epochs == 3.0
+    with pytest.raises(VegaError, match="train.mixed_precision"):
+        TrainConfig(mixed_precision="fp8").check()
+    with pytest.raises(VegaError, match="divisible"):
+        ResumableBatchSampler(100, global_batch=10, grad_accum=4)
+
+
+def test_refuses_silent_single_process(tmp_path, monkeypatch):
+    acc = Accelerator(cpu=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(VegaError, match="WORLD_SIZE=2"):
+        Trainer(tiny.TinyModel(), lambda m, b: None, tiny.TinyDataset(16), tiny.collate,
+                TrainConfig(batch_size=4), tmp_path, accelerator=acc)
+
+
+# ----------------------------------------------------------------------------- sampler and RNG
+def test_sampler_shares_and_resume():
+    n, B = 50, 12  # 4 steps per epoch, 2 examples dropped
+    one = ResumableBatchSampler(n, B, grad_accum=2, seed=3)
+    two = [ResumableBatchSampler(n, B, grad_accum=2, rank=r, world_size=2, seed=3) for r in range(2)]
+    assert one.steps_per_epoch == 4 and len(one) == 8
+    it1, its = iter(one), [iter(s) for s in two]
+    for step in range(10):  # crosses two epoch boundaries
+        epoch, pos = divmod(step, 4)
+        want = one.permutation(epoch)[pos * B : (pos + 1) * B].tolist()
+        micro = [next(it1) for _ in range(2)]
+        assert sum(micro, []) == want
+        for k in range(2):  # micro-batch k: rank 0 takes its first half, rank 1 the second
+            assert next(its[0]) + next(its[1]) == micro[k]
+        one.advance()
+    assert one.state_dict()["epoch"] == 2 and one.state_dict()["position"] == 2 * B
+    resumed = ResumableBatchSampler(n, B, grad_accum=2, seed=3)
+    resumed.load_state_dict(one.state_dict())
+    assert [next(iter(resumed)) for _ in range(1)][0] == next(it1)
+    assert sorted(one.permutation(0).tolist()) == list(range(n))
+    assert one.permutation(0).tolist() != one.permutation(1).tolist()
+    with pytest.raises(VegaError, match="batch_size"):
+        ResumableBatchSampler(n, 6, seed=3).load_state_dict(one.state_dict())
+
+
+def test_rng_state_roundtrip():
+    state = capture_rng()
+    a = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn())
+    restore_rng(state)
+    b = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2] and a[3] == b[3]
+    model = tiny.TinyModel(dropout=0.1).train()  # dropout is live, so RNG state matters for resume
+    ids = torch.randint(1, 16, (4, 8))
+    assert not torch.equal(model(ids), model(ids))
+
+
+def test_bf16_autocast_trains(tmp_path):
+    seen = []
+    torch.manual_seed(0)
+    model = tiny.TinyModel()
+    model.layers[0].fc.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    trainer = Trainer(model, tiny.make_objective(set(), {}), tiny.TinyDataset(64), tiny.collate,
+                      TrainConfig(lr=1e-2, max_steps=4, batch_size=16, mixed_precision="bf16", progress=False), tmp_path)
+    summary = trainer.train()
+    assert seen and all(dt == torch.bfloat16 for dt in seen)  # matmuls run under bf16 autocast
+    assert summary["skipped_steps"] == 0 and math.isfinite(summary["loss"])
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # fp32 master weights
