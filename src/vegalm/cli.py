@@ -1,0 +1,103 @@
+"""The `vegalm` command line.
+
+    vegalm run --recipe recipes/tiny.yaml --out runs/demo        # the whole recipe (make demo)
+    vegalm tokenizer train --corpus '../shared/data/corpus/**/*.gz' --vocab-size 8000 --out runs/tok
+    vegalm pretrain --recipe recipes/tiny.yaml --out runs/pt train.lr=5e-4
+    vegalm finetune --task rte --model runs/pt/discriminator --out runs/ft-rte
+    vegalm glue --model PATH --tasks cola,sst2,mrpc,stsb,rte,wnli,qnli --seeds 3 --out runs/glue
+    vegalm ablate --model PATH --tasks rte,mrpc,stsb,cola --seeds 3 --tricks vanilla,adv,all --out runs/abl
+    vegalm model-info --size vega-1.3b
+
+Each area registers its own subcommands (a `register(subparsers)` function), so the
+parser for a command lives next to the code it runs. User mistakes (`VegaError`) print
+one line and exit 2; pass --debug for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from vegalm.errors import VegaError
+
+# Modules that add subcommands. A module that is missing (work in progress) is skipped.
+AREAS = (
+    "vegalm.data.cli",
+    "vegalm.pretrain.cli",
+    "vegalm.finetune.cli",
+    "vegalm.pipeline",
+)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from vegalm.model import VegaModel, config_for_size
+
+    cfg = config_for_size(args.size, vocab_size=args.vocab_size)
+    with torch.device("meta"):  # no memory is allocated: shapes only
+        model = VegaModel(cfg, init=False)
+    total = model.num_parameters()
+    emb = total - model.num_parameters(exclude_embeddings=True)
+    print(
+        f"{args.size}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, "
+        f"FFN {cfg.intermediate_size}, vocab {cfg.vocab_size}\n"
+        f"  parameters: {total / 1e6:,.1f}M total = {(total - emb) / 1e6:,.1f}M non-embedding + {emb / 1e6:,.1f}M embedding"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vegalm", description=__doc__, formatter_class=_Formatter)
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser(
+        "model-info",
+        help="parameter count of a size recipe (built on the meta device)",
+        description="Print the parameter count of a size recipe without allocating memory.\n\n"
+        "example: vegalm model-info --size vega-1.3b --vocab-size 128100",
+        formatter_class=_Formatter,
+    )
+    from vegalm.model.config import SIZES
+
+    p.add_argument("--size", choices=list(SIZES), default="tiny")
+    p.add_argument("--vocab-size", type=int, default=128100)
+    p.set_defaults(func=_model_info)
+    for name in AREAS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        mod.register(sub, _Formatter)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        ap.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except VegaError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
