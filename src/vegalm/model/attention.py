@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vegalm.model.config import EncoderConfig
+from vegalm.model.dropout import FastDropout, keep_mask
 
 _flex_compiled = None
 
@@ -74,7 +75,7 @@ class DisentangledSelfAttention(nn.Module):
             if "p2c" in self.terms:
                 self.pos_query_proj = nn.Linear(h, h)
         if self.relative:
-            self.pos_dropout = nn.Dropout(cfg.hidden_dropout_prob)
+            self.pos_dropout = FastDropout(cfg.hidden_dropout_prob)
         self.attn_dropout = cfg.attention_probs_dropout_prob
         # 1 + number of position terms: each term adds variance d to the score (paper, sec. 3.1).
         self.scale = 1.0 / math.sqrt(self.head_dim * (1 + len(self.terms)))
@@ -236,12 +237,6 @@ def _acc_dtype(dt: torch.dtype) -> torch.dtype:
     return torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
 
 
-def _keep_mask(shape, p: float, device) -> torch.Tensor:
-    """Bernoulli(1 - p) keep-mask from int16 random numbers (p rounded to a multiple of 2^-16)."""
-    threshold = -32768 + round(p * 65536)
-    return torch.randint(-32768, 32768, shape, dtype=torch.int16, device=device) >= threshold
-
-
 class FusedAttention(torch.autograd.Function):
     """softmax(q k^T * scale + bias) -> dropout -> @ v, saving only P (+ keep mask) for backward.
 
@@ -264,7 +259,7 @@ class FusedAttention(torch.autograd.Function):
             del s
             keep = None
             if p > 0:
-                keep = _keep_mask(probs.shape, p, probs.device)
+                keep = keep_mask(probs.shape, p, probs.device)
                 out = torch.matmul(probs.mul(keep).mul_(1.0 / (1.0 - p)), v)
             else:
                 out = torch.matmul(probs, v)

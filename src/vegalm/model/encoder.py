@@ -13,6 +13,7 @@ from torch import nn
 
 from vegalm.model.attention import DisentangledSelfAttention, RelContext
 from vegalm.model.config import EncoderConfig
+from vegalm.model.dropout import FastDropout
 from vegalm.model.relpos import RelIndexCache
 
 ACTIVATIONS = {
@@ -34,7 +35,7 @@ class Embeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, e) if cfg.type_vocab_size > 0 else None
         self.embed_proj = nn.Linear(e, cfg.hidden_size, bias=False) if e != cfg.hidden_size else None
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = FastDropout(cfg.hidden_dropout_prob)
 
     def forward(self, input_ids=None, token_type_ids=None, position_ids=None, mask=None, inputs_embeds=None):
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
@@ -62,7 +63,7 @@ class _AddNorm(nn.Module):
         super().__init__()
         self.dense = nn.Linear(d_in, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = FastDropout(cfg.hidden_dropout_prob)
 
     def forward(self, x, residual):
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)

@@ -60,7 +60,9 @@ class Trick:
     def setup(self, model: nn.Module) -> None:
         """Called once before training (after the model is on its device)."""
 
-    def loss(self, model: nn.Module, batch: dict, out: Any, loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: dict, out: Any,
+             loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The new total loss and floats to log; `out` is the clean forward's output."""
         return loss, {}
 
     def on_step_end(self, model: nn.Module, step: int, max_steps: int) -> None:

@@ -44,6 +44,7 @@ class EMAWeights:
         self.module = copy.deepcopy(unwrap(model)).float().eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+            p.grad = None  # deepcopy copies .grad too
 
     def current_decay(self) -> float:
         if not self.warmup:

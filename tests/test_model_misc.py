@@ -1,0 +1,195 @@
+"""Fast kernels against their eager twins, bf16 autocast, size recipes, and checkpoint-loading errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from vegalm.errors import VegaError
+from vegalm.model import EncoderConfig, VegaForSequenceClassification, VegaModel
+from vegalm.model.attention import FusedAttention, RelBias
+from vegalm.model.dropout import FastDropout
+from vegalm.model.relpos import log_bucket, rel_index
+
+SMALL = EncoderConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, position_buckets=16, max_relative_positions=64,
+                      max_position_embeddings=128)  # fmt: skip
+
+
+def test_log_buckets_match_transformers():
+    from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
+
+    rel = torch.arange(-2000, 2001)
+    for buckets, max_rel in [(256, 512), (16, 64), (32, 128), (256, 2048)]:
+        assert torch.equal(log_bucket(rel, buckets, max_rel), make_log_bucket_position(rel, buckets, max_rel).long())
+    idx = rel_index(300, 256, 256, 512)
+    assert idx.shape == (300, 300) and idx.min() >= 0 and idx.max() <= 511
+    assert torch.equal(idx, idx.flip(0).flip(1).neg() + 2 * 256)  # odd symmetry of the buckets
+
+
+def test_fused_attention_gradcheck():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 9, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(2, 2, 9, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: FusedAttention.apply(*t, 0.4, 0.0), (q, k, v, bias))
+
+    def dropped(*t):
+        torch.manual_seed(5)  # same keep mask in every evaluation
+        return FusedAttention.apply(*t, 0.4, 0.25)
+
+    assert torch.autograd.gradcheck(dropped, (q, k, v, bias))
+
+
+def test_fused_attention_matches_eager_formula():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 11, 8) for _ in range(3))
+    bias = torch.randn(2, 3, 11, 11)
+    ref = (q @ k.transpose(-1, -2) * 0.3 + bias).softmax(-1) @ v
+    assert torch.allclose(FusedAttention.apply(q, k, v, bias, 0.3, 0.0), ref, atol=1e-6)
+
+
+def test_rel_bias_gradcheck_and_values():
+    torch.manual_seed(0)
+    idx = rel_index(10, 4, 4, 16)
+    idx = idx - idx.min()
+    P = int(idx.max()) + 1
+    c, p = (torch.randn(2, 3, 10, P, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    full = idx.expand(2, 3, 10, 10)
+    ref = torch.gather(c, -1, full) + torch.gather(p, -1, full.transpose(-1, -2)).transpose(-1, -2)
+    assert torch.allclose(RelBias.apply(c, p, idx), ref)
+    assert torch.autograd.gradcheck(lambda a, b: RelBias.apply(a, b, idx), (c, p))
+
+
+def test_fast_dropout_rate_scale_and_grad():
+    torch.manual_seed(0)
+    d = FastDropout(0.1).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = d(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.9) < 0.002
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d y / d x = keep / (1 - p)
+    assert torch.equal(FastDropout(0.1).eval()(x), x)
+    twin = FastDropout(0.1, fast=False).train()  # the eager twin is F.dropout itself
+    torch.manual_seed(3)
+    a = twin(x)
+    torch.manual_seed(3)
+    assert torch.equal(a, F.dropout(x, 0.1, True))
+
+
+@pytest.mark.parametrize("impl", ["fused", "sdpa"])
+def test_bf16_autocast_close_to_fp32(impl):
+    torch.manual_seed(0)
+    m = VegaModel(SMALL).eval()
+    for mod in m.modules():
+        if hasattr(mod, "impl"):
+            mod.impl = impl
+    ids = torch.randint(5, 100, (2, 30))
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0
+    ref = m(ids, attention_mask=mask).last_hidden_state
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(ids, attention_mask=mask).last_hidden_state
+    assert (out.float() - ref).abs().max().item() < 0.1  # LayerNorm'd outputs, bf16 has 8 mantissa bits
+    m.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(ids, attention_mask=mask).last_hidden_state.float().pow(2).mean()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_training_mode_kernels_agree_without_dropout():
+    """eager and fused must give the same training-mode gradients when no dropout is drawn."""
+    cfg = EncoderConfig(**{**SMALL.__dict__, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+    torch.manual_seed(0)
+    a = VegaModel(cfg).train()
+    b = VegaModel(cfg).train()
+    b.load_state_dict(a.state_dict())
+    for mod in b.modules():
+        if hasattr(mod, "impl"):
+            mod.impl = "fused"
+    for mod in a.modules():
+        if hasattr(mod, "impl"):
+            mod.impl = "eager"
+    ids = torch.randint(5, 100, (3, 25))
+    for m in (a, b):
+        m(ids).last_hidden_state.pow(2).mean().backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-6), n
+
+
+def test_vega_1_3b_on_meta_device():
+    out = subprocess.run([sys.executable, "-m", "vegalm.cli", "model-info", "--size", "vega-1.3b"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert "48 layers, hidden 1536, 24 heads" in out.stdout
+    non_emb = float(out.stdout.split("=")[1].split("M")[0].replace(",", ""))
+    assert 1355 <= non_emb <= 1365, out.stdout  # ~1.36B non-embedding parameters
+
+
+# ---------------------------------------------------------------- bad checkpoints
+@pytest.fixture()
+def saved(tmp_path):
+    torch.manual_seed(0)
+    VegaModel(SMALL).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _msg(fn) -> str:
+    with pytest.raises(VegaError) as e:
+        fn()
+    return str(e.value)
+
+
+def test_missing_directory_and_files(saved, tmp_path):
+    assert "no such model directory" in _msg(lambda: VegaModel.from_pretrained(tmp_path / "nope"))
+    (saved / "model.safetensors").unlink()
+    assert "model.safetensors: missing" in _msg(lambda: VegaModel.from_pretrained(saved))
+    (saved / "config.json").unlink()
+    assert "config.json: missing" in _msg(lambda: VegaModel.from_pretrained(saved))
+
+
+def test_pickle_is_refused(saved):
+    (saved / "model.safetensors").rename(saved / "pytorch_model.bin")
+    assert "safetensors only" in _msg(lambda: VegaModel.from_pretrained(saved))
+
+
+def test_bad_config(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**cfg, "conv_kernel_size": 3}))
+    m = _msg(lambda: VegaModel.from_pretrained(saved))
+    assert "config.json" in m and "conv_kernel_size" in m
+    (saved / "config.json").write_text("{not json")
+    assert "config.json:1: invalid JSON" in _msg(lambda: VegaModel.from_pretrained(saved))
+
+
+def test_shape_mismatch_missing_and_unexpected_keys(saved):
+    w = load_file(saved / "model.safetensors")
+    key = "encoder.layer.0.attention.self.query_proj.weight"
+    bad = dict(w)
+    bad[key] = torch.zeros(5, 5)
+    save_file(bad, saved / "model.safetensors")
+    m = _msg(lambda: VegaModel.from_pretrained(saved))
+    assert "model.safetensors" in m and key in m and "(5, 5)" in m
+    bad = {k: v for k, v in w.items() if k != key}
+    save_file(bad, saved / "model.safetensors")
+    assert f"missing weight '{key}'" in _msg(lambda: VegaModel.from_pretrained(saved))
+    save_file({**w, "encoder.layer.9.foo": torch.zeros(1)}, saved / "model.safetensors")
+    assert "unexpected weight 'encoder.layer.9.foo'" in _msg(lambda: VegaModel.from_pretrained(saved))
+
+
+def test_head_is_fresh_from_encoder_checkpoint_and_reinit_on_mismatch(saved):
+    m = VegaForSequenceClassification.from_pretrained(saved, num_labels=3)
+    assert set(m.loaded_fresh_keys) == {"pooler.dense.weight", "pooler.dense.bias", "classifier.weight",
+                                        "classifier.bias"}  # fmt: skip
+    m.save_pretrained(saved / "cls3")
+    assert "reinit_head=True" in _msg(lambda: VegaForSequenceClassification.from_pretrained(saved / "cls3", num_labels=2))
+    m2 = VegaForSequenceClassification.from_pretrained(saved / "cls3", num_labels=2, reinit_head=True)
+    assert m2.classifier.weight.shape == (2, 32) and "classifier.weight" in m2.loaded_fresh_keys
+    assert torch.equal(m2.pooler.dense.weight, m.pooler.dense.weight)  # the pooler is kept
