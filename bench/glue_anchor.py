@@ -1,7 +1,7 @@
 """Anchor check: the same vanilla GLUE fine-tuning through transformers' Trainer and through vegalm's.
 
-    python bench/glue_anchor.py --task rte --model minilm-l6 --seed 42                  # full task (~10 min/side, 2 cores)
-    python bench/glue_anchor.py --task rte --model minilm-l6 --max-train-samples 128  # quick check (~1 min)
+    python bench/glue_anchor.py --task rte --model minilm-l6 --seed 42           # full RTE: ~10-20 min per side
+    python bench/glue_anchor.py --task rte --max-train-samples 64 --threads 1   # quick check: ~1.5 min in all
 
 Recipe on both sides: the transformers `run_glue.py` defaults (`defaults=run_glue` in vegalm): lr 2e-5,
 batch 32, 3 epochs, max length 128, linear decay, no warm-up, weight decay 0, Adam eps 1e-8, grad-norm

@@ -87,7 +87,8 @@ def _finetune(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise ConfigError(f"{args.recipe}: {e}" if args.recipe else str(e)) from None
     res = run_finetune(cfg)
-    metrics = "; ".join(f"{s}: " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()) for s, m in res["dev"].items())
+    metrics = "; ".join(("" if s == "dev" else f"{s} ") + ", ".join(f"{k} {v:.2f}" for k, v in m.items())
+                        for s, m in res["dev"].items())
     how = "cached" if res["cached"] else f"{res['timing']['wall_s']:.0f} s"
     print(f"{res['task']} seed {res['seed']}: dev {metrics} (task score {res['dev_score']:.2f}; {how}) "
           f"-> {args.out}/results.json")

@@ -120,7 +120,11 @@ def _ensemble(task: str, runs: dict[int, dict], glue_dir: str) -> dict[str, Any]
     """Mean of the seeds' logits: dev metrics and score, and the averaged test logits."""
     spec = TASKS[task]
     first = next(iter(runs.values()))
-    dev = np.mean([np.load(Path(r["out"]) / "dev_logits.npy") for r in runs.values()], axis=0)
+    arrays = [np.load(Path(r["out"]) / "dev_logits.npy") for r in runs.values()]
+    if len({a.shape for a in arrays}) != 1:
+        raise VegaError(f"{task}: the seeds' dev_logits.npy differ in shape ({sorted({a.shape for a in arrays})}); "
+                        "were the runs made with different data?")
+    dev = np.mean(arrays, axis=0)
     metrics, scores = {}, {}
     for split, (a, b) in first["dev_rows"].items():
         logits = dev[a:b]
@@ -193,11 +197,13 @@ def run_glue(
             for seed in seed_list:
                 bar.set_postfix_str(f"{task} seed {seed}")
                 run_out = out / task / f"seed{seed}"
-                cfg = from_dict(FinetuneConfig, {**base, "task": task, "model": model, "out": str(run_out), "seed": seed})
+                cfg = from_dict(FinetuneConfig,
+                                {**base, "task": task, "model": model, "out": str(run_out), "seed": seed})
                 res = run_finetune(cfg)
                 runs[task][seed] = {**res, "out": str(run_out)}
                 bar.update(1)
-                bar.set_postfix_str(f"{task} seed {seed}: {res['dev_score']:.2f}{' (cached)' if res['cached'] else ''}")
+                note = " (cached)" if res["cached"] else ""
+                bar.set_postfix_str(f"{task} seed {seed}: {res['dev_score']:.2f}{note}")
     finally:
         bar.close()
 
@@ -235,7 +241,8 @@ def run_glue(
         "best_seed": glue_summary({k: v for e in per_task.values() for k, v in e["best_split_scores"].items()}),
     }
     if ensemble:
-        glue["ensemble"] = glue_summary({k: v for e in per_task.values() for k, v in e["ensemble"]["split_scores"].items()})
+        glue["ensemble"] = glue_summary(
+            {k: v for e in per_task.values() for k, v in e["ensemble"]["split_scores"].items()})
 
     out.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(record=True) as caught:  # placeholder notices go into the report instead
@@ -252,8 +259,7 @@ def run_glue(
         "per_task": per_task,
         "glue": glue,
         "averaging_rule": AVERAGING_RULE,
-        "runs": {t: {str(s): {"dev_score": r["dev_score"], "dev": r["dev"], "out": r["out"], "cached": r["cached"],
-                              "wall_s": r["timing"]["wall_s"]} for s, r in by_seed.items()} for t, by_seed in runs.items()},
+        "runs": {t: {str(s): _run_summary(r) for s, r in by_seed.items()} for t, by_seed in runs.items()},
         "submission": {"path": str(out / "submission.zip"), "manifest": manifest, "placeholders": placeholders},
         "wall_s": round(time.perf_counter() - t0, 2),
     }
@@ -261,6 +267,10 @@ def run_glue(
     _atomic_text(out / "results.md", render_markdown(result))
     plot_results(result, out / "results.png")
     return result
+
+
+def _run_summary(res: dict) -> dict:
+    return {k: res[k] for k in ("dev_score", "dev", "out", "cached")} | {"wall_s": res["timing"]["wall_s"]}
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -289,7 +299,8 @@ def render_markdown(result: dict) -> str:
         lines.append("| " + " | ".join(cells + [e.get("test_from", "not predicted")]) + " |")
         if len(e["split_stats"]) > 1:  # MNLI: m and mm
             for k, st in e["split_stats"].items():
-                sub = [f"&nbsp;&nbsp;{k}", "accuracy", f"{st['median']:.2f}", f"{st['mean']:.2f} ± {st['std']:.2f}", ""]
+                sub = [f"&nbsp;&nbsp;{k}", "accuracy", f"{st['median']:.2f}",
+                       f"{st['mean']:.2f} ± {st['std']:.2f}", ""]
                 lines.append("| " + " | ".join(sub + ([""] if ens else []) + [""]) + " |")
     lines.append("")
     for name, g in result["glue"].items():

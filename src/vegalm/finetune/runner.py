@@ -37,7 +37,8 @@ Tricks (vegalm.finetune.tricks, optional): `tricks=[a, b]` builds `TRICKS[name](
 num_labels)` with `args = from_dict(TRICKS[name].Args, trick_args[name])`, calls `setup(model)` before
 the optimizer is built, then per micro-batch `loss(model, batch, out, loss) -> (loss, logs)` in list
 order after the clean forward, and `on_step_end(model, step, max_steps)` after each optimizer step.
-`batch` holds input_ids, attention_mask, [token_type_ids], labels. After training, the evaluated model
+`batch` holds input_ids, attention_mask, [token_type_ids], labels (on the training device); `setup` runs
+on the CPU model before it is moved there, so a trick creates device tensors lazily. The evaluated model
 is: the EMA weights if `ema_decay > 0`, then passed through each trick's `eval_model(model)` if it has one.
 """
 
@@ -170,7 +171,9 @@ def resolve_model_dir(name: str | Path, key: str = "model") -> Path:
 
             path = Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
         except Exception as e:  # offline, unknown repo, auth: one line
-            raise VegaError(f"{key}={text}: not a local folder and not fetchable from the Hub ({type(e).__name__})") from None
+            raise VegaError(
+                f"{key}={text}: not a local folder and not fetchable from the Hub ({type(e).__name__})"
+            ) from None
     if not path.is_dir():
         raise VegaError(
             f"{key}={text}: no such model directory (expected a folder with config.json and model.safetensors, "
@@ -300,9 +303,9 @@ def _trick_classes(cfg: FinetuneConfig) -> dict[str, tuple[type, Any]]:
 class _StepHooks:
     """Trainer callback: trick `on_step_end` hooks and the EMA update, after every optimizer step."""
 
-    def __init__(self, tricks: list[tuple[str, Any]], ema: _EMA | None):
+    def __init__(self, tricks: list[tuple[str, Any]]):
         self.tricks = tricks
-        self.ema = ema
+        self.ema: _EMA | None = None
 
     def on_step_end(self, trainer, step: int) -> None:
         model = trainer.model
@@ -341,10 +344,13 @@ class _EMA:
 
 
 def _forward_inputs(model: nn.Module) -> tuple[str, ...]:
-    """The MODEL_INPUTS the model's forward accepts (DistilBERT-like models take no token_type_ids)."""
-    params = inspect.signature(model.forward).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    """The MODEL_INPUTS to pass: all for our models; for HF ones those named in forward's signature
+    (DistilBERT-like models have no token_type_ids, and a **kwargs catch-all must not receive them)."""
+    from vegalm.model import VegaPreTrained
+
+    if isinstance(model, VegaPreTrained):
         return MODEL_INPUTS
+    params = inspect.signature(model.forward).parameters
     return tuple(k for k in MODEL_INPUTS if k in params)
 
 
@@ -370,13 +376,15 @@ def build_model(resolved: dict[str, Any], num_labels: int) -> tuple[nn.Module, l
         )
     except (OSError, ValueError, KeyError) as e:
         raise VegaError(f"{weights}: transformers could not load it as a sequence classifier ({e})") from None
-    fresh = list(info.get("missing_keys", [])) + [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])]
+    mismatched = [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])]
+    fresh = list(info.get("missing_keys", [])) + mismatched
     return model, sorted(set(fresh))
 
 
 def _encoder_layers(model: nn.Module) -> nn.ModuleList:
     """The transformer block list: the longest ModuleList named `layer` / `layers`."""
-    found = [m for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.split(".")[-1] in ("layer", "layers")]
+    found = [m for n, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and n.split(".")[-1] in ("layer", "layers")]
     if not found:
         raise VegaError(f"{type(model).__name__}: no encoder layer list found for reinit_top_layers")
     return max(found, key=len)
@@ -444,7 +452,9 @@ def predict_logits(model: nn.Module, dataset: GlueDataset, collate: Collator, ba
 
 
 def _metric_key(spec: TaskSpec, split: str) -> str:
-    return {"dev_matched": "mnli_m", "dev_mismatched": "mnli_mm"}.get(split, spec.name) if spec.name == "mnli" else spec.name
+    if spec.name != "mnli":
+        return spec.name
+    return {"dev_matched": "mnli_m", "dev_mismatched": "mnli_mm"}[split]
 
 
 def _pred_values(spec: TaskSpec, logits: np.ndarray) -> list[str]:
@@ -458,7 +468,8 @@ def _write_tsv(path: Path, rows: list[tuple[str, GlueDataset, np.ndarray]], spec
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        w.writerow(["split", "index", *(["label"] if with_label else []), "prediction", *(f"logit_{i}" for i in range(n))])
+        label_col = ["label"] if with_label else []
+        w.writerow(["split", "index", *label_col, "prediction", *(f"logit_{i}" for i in range(n))])
         for split, ds, logits in rows:
             preds = _pred_values(spec, logits)
             for feat, pred, row in zip(ds.features, preds, logits):
@@ -551,7 +562,8 @@ def run_finetune(cfg: FinetuneConfig | dict) -> dict[str, Any]:
     ml = resolved["max_length"]
     train_ds = GlueDataset.from_examples(train_ex, tokenizer, spec.name, ml)
     dev_ds = {s: GlueDataset.from_examples(ex, tokenizer, spec.name, ml) for s, ex in dev_ex.items()}
-    test_ds = {s: GlueDataset.from_examples(ex, tokenizer, "ax" if s == "ax" else spec.name, ml) for s, ex in test_ex.items()}
+    test_ds = {s: GlueDataset.from_examples(ex, tokenizer, "ax" if s == "ax" else spec.name, ml)
+               for s, ex in test_ex.items()}
     collate = Collator(tokenizer.pad_token_id)
 
     set_seed(cfg.seed)  # the new head's initialisation depends on the run seed
@@ -563,9 +575,10 @@ def run_finetune(cfg: FinetuneConfig | dict) -> dict[str, Any]:
                     "consider lr=2e-5 (base) or 1e-5 (large)", resolved["lr"], hidden)
     reinit = reinit_top_layers(model, cfg.reinit_top_layers) if cfg.reinit_top_layers else []
     tricks = [(name, cls(args, spec, num_labels)) for name, (cls, args) in _trick_classes(cfg).items()]
+    # selfcal first (it rewrites the task term), then adversarial terms, then weight averaging (Trick.priority)
+    tricks.sort(key=lambda nt: getattr(type(nt[1]), "priority", 50))
     for _, trick in tricks:
         trick.setup(model)
-    ema = _EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     keys = _forward_inputs(model)
     objective = _make_objective(spec, keys, tricks)
 
@@ -584,8 +597,10 @@ def run_finetune(cfg: FinetuneConfig | dict) -> dict[str, Any]:
     )
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # leftovers of an interrupted run
     (out / "results.json").unlink(missing_ok=True)
-    trainer = Trainer(model, objective, train_ds, collate, tcfg, out, param_groups=param_groups,
-                      callbacks=[_StepHooks(tricks, ema)])
+    hooks = _StepHooks(tricks)
+    trainer = Trainer(model, objective, train_ds, collate, tcfg, out, param_groups=param_groups, callbacks=[hooks])
+    # after the Trainer moved the model to its device, so the average lives beside the weights
+    ema = hooks.ema = _EMA(trainer.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if cfg.group_by_length:
         enable_length_grouping(trainer.sampler, train_ds.lengths)
     t_load = time.perf_counter() - t0
@@ -673,7 +688,7 @@ def _make_objective(spec: TaskSpec, keys: tuple[str, ...], tricks: list[tuple[st
     regression = spec.is_regression
 
     def objective(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = {k: v for k, v in batch.items() if k != "index"}
+        # `index` stays in the batch: self-calibration keys its per-example memory on it.
         out = model(**{k: batch[k] for k in keys if k in batch})
         logits = out.logits.float()
         labels = batch["labels"]

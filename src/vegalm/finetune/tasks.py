@@ -48,11 +48,14 @@ anchor that `bench/glue_anchor.py` checks our loop against.
 
 `vega` is tuned for SMALL encoders (MiniLM-L6: 6 layers, hidden 384, 22M params; our tiny/xsmall
 sizes), with weight decay 0.01 and Adam eps 1e-6. Why each number:
-  * lr 1e-4 with 10% warm-up: the ELECTRA fine-tuning config (google-research/electra,
-    configure_finetuning.py: learning_rate 1e-4, warmup_proportion 0.1, batch 32, max_seq_length 128)
-    used for ELECTRA-Small and -Base; Google's BERT miniatures also pick lr from {3e-4, 1e-4, 5e-5,
-    3e-5}. 2e-5 is tuned for 110M-340M BERTs; a 6-layer 384-wide model moves too little at 2e-5 in 3
-    epochs on the small tasks. The warm-up protects the freshly initialised head at this higher lr.
+  * lr 1e-4 with 10% warm-up: the ELECTRA fine-tuning defaults (google-research/electra
+    configure_finetuning.py: learning_rate 1e-4 for small and base, 5e-5 only for large;
+    warmup_proportion 0.1, batch 32, max_seq_length 128). Google's BERT miniatures (2-12 layers,
+    hidden 128-768; google-research/bert README) choose lr from {3e-4, 1e-4, 5e-5, 3e-5} with 4 epochs.
+    2e-5 is tuned for 110M-340M BERTs; a 6-layer 384-wide model moves too little at 2e-5 in 3 epochs on
+    the small tasks. The warm-up protects the freshly initialised head at this higher lr. ELECTRA also
+    uses layer-wise lr decay 0.8; here it stays off (`layerwise_lr_decay=1.0`, an ablation knob), so
+    every layer sees the full 1e-4, one reason not to go higher (e.g. the miniatures' 3e-4).
   * 10 epochs for RTE and STS-B: ELECTRA's own rule (10 for rte/sts, 3 otherwise). MRPC gets 10 too:
     it is smaller than STS-B (3.7k vs 5.7k pairs, 114 steps per epoch at batch 32), and ELECTRA trains
     it on both sentence orders (`double_unordered`), i.e. twice the updates per epoch that we do.
@@ -84,7 +87,7 @@ from vegalm.data.glue import TASKS, Example, TaskSpec, get_task
 from vegalm.errors import VegaError
 
 DEFAULT_SETS = ("vega", "run_glue")
-GROUP_CHUNK = 50  # global batches per length-sorted chunk (the HF LengthGroupedSampler also uses 50)
+GROUP_CHUNK = 50  # global batches per length-sorted chunk (transformers' LengthGroupedSampler uses up to 50)
 
 
 @dataclass(frozen=True)

@@ -85,28 +85,30 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def prepare_data(cfg: RecipeConfig, out: Path):
+def prepare_data(cfg: RecipeConfig, out: Path, data_dir: Path | None = None, tokenizer_dir: Path | None = None):
     """Tokenizer (trained once) and packed segments (cached). Returns (tokenizer, tokenizer dir, store)."""
     from vegalm.data.corpus import build_segments
     from vegalm.data.tokenizer import load_tokenizer, train_tokenizer
 
-    tok_dir = Path(cfg.data.tokenizer) if cfg.data.tokenizer else out / "tokenizer"
+    tok_dir = Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(tokenizer_dir or out / "tokenizer")
     if not (tok_dir / "tokenizer.json").is_file():
         if cfg.data.tokenizer:
             raise VegaError(f"data.tokenizer: {tok_dir} has no tokenizer.json")
         log.info("training a %d-piece tokenizer on %s", cfg.data.vocab_size, cfg.data.corpus)
         train_tokenizer(cfg.data.corpus, cfg.data.vocab_size, tok_dir, max_docs=cfg.data.tokenizer_max_docs)
     tokenizer = load_tokenizer(tok_dir)
-    store = build_segments(tokenizer, cfg.data.corpus, out / "data", cfg.data.seq_len, seed=cfg.phase1.train.seed,
+    store = build_segments(tokenizer, cfg.data.corpus, Path(data_dir or out / "data"), cfg.data.seq_len, seed=cfg.phase1.train.seed,
                            num_proc=cfg.data.num_proc, max_docs=cfg.data.max_docs)  # fmt: skip
     return tokenizer, tok_dir, store
 
 
-def run_pretrain(cfg: RecipeConfig, out: str | Path, resume: bool = True) -> dict:
+def run_pretrain(cfg: RecipeConfig, out: str | Path, resume: bool = True, data_dir: Path | None = None,
+                 tokenizer_dir: Path | None = None) -> dict:
+    """Pretrain per the recipe into `out`. `data_dir` / `tokenizer_dir` let several runs share them."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    tokenizer, tok_dir, store = prepare_data(cfg, out)
+    tokenizer, tok_dir, store = prepare_data(cfg, out, data_dir, tokenizer_dir)
     model_cfg = replace(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     if cfg.model.vocab_size != model_cfg.vocab_size:
         log.info("model.vocab_size set to the tokenizer's %d", model_cfg.vocab_size)

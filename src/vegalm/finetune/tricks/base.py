@@ -139,6 +139,6 @@ def sort_tricks(tricks: list) -> list:
 
     def prio(t: Any) -> int:
         cls = TRICKS[t] if isinstance(t, str) else (t if isinstance(t, type) else type(t))
-        return cls.priority
+        return getattr(cls, "priority", 50)
 
     return sorted(tricks, key=prio)

