@@ -1,7 +1,7 @@
 """Training-step speed and memory: vegalm's encoder vs transformers' DebertaV2Model, same weights, same run.
 
     python bench/encoder.py            # fp32 + bf16, both shapes, peak RSS in subprocesses (~5 min on 2 cores)
-    python bench/encoder.py --quick    # fp32 only, activation memory only (< 60 s)
+    python bench/encoder.py --quick    # fp32 only, 1 warm-up step, activation memory only (< 60 s)
 
 A step is forward + backward + AdamW on the tiny DeBERTa-v3-style config (hidden 256,
 4 layers, 4 heads, FFN 1024, vocab 32k, 256 buckets, shared keys, dropout 0.1 as in the
@@ -13,7 +13,9 @@ storage; deterministic). `peak_rss_mb` (full mode) is the resident-set high-wate
 fresh process running 2 steps, minus its RSS before the first step.
 
 MFU: model FLOPs (3x the forward matmul FLOPs, relative rows P = 2L-1) divided by the step
-time and by `gemm_gflops_fp32`, a 1024^3 fp32 matmul measured in the same run.
+time and by the GEMM peak of the same dtype (`gemm_gflops_fp32` / `_bf16`: a 1024^3 matmul
+measured in the same run). Elementwise work (softmax, LayerNorm, dropout, gathers) is not
+counted, which is why MFU is well below 100% even for a good kernel.
 The last stdout line is one JSON object.
 """
 
@@ -79,8 +81,8 @@ def model_flops(B: int, L: int) -> float:
     return 3.0 * n * per_layer  # forward + backward (2x)
 
 
-def gemm_gflops(n: int = 1024, reps: int = 7) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def gemm_gflops(n: int = 1024, reps: int = 7, dtype=torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     ts = []
     for _ in range(reps):
@@ -107,11 +109,18 @@ def activation_mb(model, B: int, L: int, dtype: str) -> float:
 
 
 def rss_child(which: str, B: int, L: int, dtype: str) -> float:
-    """Run in a fresh process: RSS high-water mark of 2 training steps, minus RSS before them."""
+    """Run in a fresh process: RSS high-water mark of 2 training steps, minus RSS before them.
+    Only the measured model is built (random weights: memory does not depend on their values)."""
     torch.set_num_threads(2)
-    hf, ours = build_pair()
-    model = hf if which == "hf" else ours
-    del hf, ours
+    torch.manual_seed(0)
+    if which == "hf":
+        from transformers import DebertaV2Config, DebertaV2Model
+
+        model = DebertaV2Model(DebertaV2Config(**TINY)).train()
+    else:
+        from vegalm.model import EncoderConfig, VegaModel
+
+        model = VegaModel(EncoderConfig.from_hf_dict({**TINY, "model_type": "deberta-v2"})).train()
     step = make_step(model, B, L, dtype)
     import gc
 
@@ -123,7 +132,7 @@ def rss_child(which: str, B: int, L: int, dtype: str) -> float:
     return peak - before
 
 
-def time_pair(hf, ours, B, L, dtype, repeats: int, warmup: int = 2):
+def time_pair(hf, ours, B, L, dtype, repeats: int, warmup: int):
     steps = {"hf": make_step(hf, B, L, dtype), "ours": make_step(ours, B, L, dtype)}
     times = {"hf": [], "ours": []}
     for i in range(warmup + repeats):
@@ -147,16 +156,19 @@ def main() -> None:
         print(json.dumps({"rss_mb": rss_child(w, int(B), int(L), dt)}))
         return
 
-    gflops = gemm_gflops()
+    peaks = {"fp32": gemm_gflops(), "bf16": gemm_gflops(dtype=torch.bfloat16)}
+    gflops = peaks["fp32"]
     hf, ours = build_pair()
     dtypes = ["fp32"] if args.quick else ["fp32", "bf16"]
     cases = [(32, 128), (8, 512)]
-    rows, summary = [], {"gemm_gflops_fp32": round(gflops, 1), "threads": 2, "repeats": args.repeats}
+    rows = []
+    summary = {"gemm_gflops_fp32": round(gflops, 1), "gemm_gflops_bf16": round(peaks["bf16"], 1), "threads": 2,
+               "repeats": args.repeats}
     print(f"{'case':<14}{'dtype':<6}{'HF tok/s':>10}{'ours tok/s':>12}{'speedup':>9}"
           f"{'HF act MB':>11}{'ours act MB':>12}{'HF RSS MB':>11}{'ours RSS MB':>12}{'MFU HF':>8}{'MFU ours':>9}")  # fmt: skip
     for dtype in dtypes:
         for B, L in cases:
-            t = time_pair(hf, ours, B, L, dtype, args.repeats)
+            t = time_pair(hf, ours, B, L, dtype, args.repeats, warmup=1 if args.quick else 2)
             act = {n: activation_mb(m, B, L, dtype) for n, m in (("hf", hf), ("ours", ours))}
             rss = {}
             if not args.quick:
@@ -171,7 +183,7 @@ def main() -> None:
                 case=f"B{B}xS{L}", dtype=dtype,
                 hf_tok_s=B * L / t["hf"], ours_tok_s=B * L / t["ours"], speedup=t["hf"] / t["ours"],
                 hf_act_mb=act["hf"], ours_act_mb=act["ours"], hf_rss_mb=rss.get("hf"), ours_rss_mb=rss.get("ours"),
-                mfu_hf=fl / t["hf"] / 1e9 / gflops, mfu_ours=fl / t["ours"] / 1e9 / gflops,
+                mfu_hf=fl / t["hf"] / 1e9 / peaks[dtype], mfu_ours=fl / t["ours"] / 1e9 / peaks[dtype],
             )  # fmt: skip
             rows.append(row)
             r = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731

@@ -15,8 +15,8 @@ Kernels (`attn_impl`):
   hand-written autograd function then does scores -> softmax -> dropout -> @V and
   keeps only the probabilities (plus a 1-byte dropout mask) for backward; the
   reference path keeps ~5 [B,H,L,L] tensors per layer. Without grad it calls SDPA.
-  Dropout draws int16 random numbers (4x cheaper than bernoulli on CPU); the drop
-  rate is p rounded to a multiple of 1/65536 (0.1 -> 0.100006).
+  Dropout uses model/dropout.py's cheap random bits (the drop rate is p rounded to a
+  multiple of 1/65536: 0.1 -> 0.100006) and applies 1/(1-p) to the [B,H,L,D] output.
 - sdpa (CUDA default): the same single bias handed to
   `F.scaled_dot_product_attention`, whose memory-efficient CUDA kernel supports an
   additive bias with gradient and dropout. (On CPU, SDPA falls back to its math
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vegalm.model.config import EncoderConfig
-from vegalm.model.dropout import FastDropout, keep_mask
+from vegalm.model.dropout import FastDropout, drop_mask
 
 _flex_compiled = None
 
@@ -238,9 +238,9 @@ def _acc_dtype(dt: torch.dtype) -> torch.dtype:
 
 
 class FusedAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + bias) -> dropout -> @ v, saving only P (+ keep mask) for backward.
+    """softmax(q k^T * scale + bias) -> dropout -> @ v, saving only P (+ a 1-byte drop mask) for backward.
 
-    Backward (per row):  dP = dropout(dO v^T);  dS = P * (dP - sum_j P dP);
+    Backward (per row i):  dP = dropout(dO v^T);  dS = P * (dP - dO_i . O_i);
     dq = dS k * scale;  dk = dS^T q * scale;  dbias = dS.
     Works in the dtype of q (bf16 under autocast); the softmax is taken in fp32.
     """
@@ -257,13 +257,14 @@ class FusedAttention(torch.autograd.Function):
                 s = s.mul_(scale)
             probs = torch.softmax(s, -1, dtype=_acc_dtype(dt)).to(dt)
             del s
-            keep = None
+            drop = None
             if p > 0:
-                keep = keep_mask(probs.shape, p, probs.device)
-                out = torch.matmul(probs.mul(keep).mul_(1.0 / (1.0 - p)), v)
+                # Dropout's 1/(1-p) is applied to the [B,H,L,D] output, not to the [B,H,L,L] matrix.
+                drop = drop_mask(probs.shape, p, probs.device)
+                out = torch.matmul(torch.where(drop, 0.0, probs), v).mul_(1.0 / (1.0 - p))
             else:
                 out = torch.matmul(probs, v)
-        ctx.save_for_backward(q, k, v, probs, keep)
+        ctx.save_for_backward(q, k, v, probs, drop, out)
         ctx.scale, ctx.p, ctx.has_bias, ctx.bias_dtype = scale, p, bias is not None, (
             bias.dtype if bias is not None else None
         )
@@ -271,19 +272,19 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, probs, keep = ctx.saved_tensors
+        q, k, v, probs, drop, out = ctx.saved_tensors
         scale, p = ctx.scale, ctx.p
         with torch.autocast(q.device.type, enabled=False):
             d_out = d_out.to(q.dtype)
-            if keep is not None:
-                dropped = probs.mul(keep).mul_(1.0 / (1.0 - p))
-                dv = torch.matmul(dropped.transpose(-1, -2), d_out)
-                del dropped
-                dp = torch.matmul(d_out, v.transpose(-1, -2)).mul_(keep).mul_(1.0 / (1.0 - p))
+            # sum_j P_ij dP_ij = dO_i . O_i (dropout included): a [B,H,L,D] product instead of [B,H,L,L].
+            row = (d_out * out).sum(-1, keepdim=True, dtype=_acc_dtype(d_out.dtype)).to(d_out.dtype)
+            if drop is not None:
+                d_out = d_out * (1.0 / (1.0 - p))  # the dropout scale, on the small tensor
+                dv = torch.matmul(torch.where(drop, 0.0, probs).transpose(-1, -2), d_out)
+                dp = torch.matmul(d_out, v.transpose(-1, -2)).masked_fill_(drop, 0.0)
             else:
                 dv = torch.matmul(probs.transpose(-1, -2), d_out)
                 dp = torch.matmul(d_out, v.transpose(-1, -2))
-            row = (dp * probs).sum(-1, keepdim=True, dtype=_acc_dtype(dp.dtype)).to(dp.dtype)
             ds = dp.sub_(row).mul_(probs)  # gradient of the pre-softmax scores
             dq = torch.matmul(ds, k).mul_(scale)
             dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
