@@ -10,7 +10,7 @@ the median of >= 5 timed steps after 2 warm-up steps, with torch.set_num_threads
 
 Memory: `act_mb` is the bytes autograd keeps for backward after one forward (deduplicated by
 storage; deterministic). `peak_rss_mb` (full mode) is the resident-set high-water mark of a
-fresh process running 2 steps, minus its RSS before the first step.
+fresh process running 2 steps (VmHWM, reset before the steps), minus its RSS before the first step.
 
 MFU: model FLOPs (3x the forward matmul FLOPs, relative rows P = 2L-1) divided by the step
 time and by the GEMM peak of the same dtype (`gemm_gflops_fp32` / `_bf16`: a 1024^3 matmul
@@ -125,11 +125,14 @@ def rss_child(which: str, B: int, L: int, dtype: str) -> float:
     import gc
 
     gc.collect()
+    # Reset the kernel's RSS high-water mark (VmHWM): a spawned child can start with its parent's.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
     for _ in range(2):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return peak - before
+    hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    return hwm_kb / 1024 - before
 
 
 def time_pair(hf, ours, B, L, dtype, repeats: int, warmup: int):

@@ -31,6 +31,8 @@ and its `config_hash` equals this config's. The hash covers the RESOLVED config 
 filled in, paths made absolute, trick arguments with their defaults) plus the size and mtime of the
 model's config/weights files, so `lr=None` and the default lr hash alike, and re-pretraining into the
 same folder reruns. `out`, `progress`, `save_model` and `eval_batch_size` are not part of the hash.
+`extra_train` (a JSONL of labelled rows appended to train: ablate.py's pseudo-labels) is hashed by
+its content, not its path.
 results.json is written last, so an interrupted run is never taken for a finished one.
 
 Tricks (vegalm.finetune.tricks, optional): `tricks=[a, b]` builds `TRICKS[name](args, task_spec,
@@ -77,7 +79,8 @@ MODEL_ALIASES = ("minilm-l6",)
 BACKENDS = ("auto", "vegalm", "hf")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Fields that do not change what a run computes: left out of the cache key.
-UNHASHED = ("out", "progress", "save_model", "eval_batch_size")
+# extra_train: its content digest (extra_train_sha256) is hashed instead of its path.
+UNHASHED = ("out", "progress", "save_model", "eval_batch_size", "extra_train")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -116,6 +119,9 @@ class FinetuneConfig:
     eval_test: bool = True
     save_model: bool = True
     max_train_samples: int | None = None  # a fixed random subset (seed 0, same for every run seed)
+    # JSONL of extra labelled training rows (guid, index, text_a, text_b, label id / STS-B score), appended
+    # after the (subset) train set; ablate.py writes its test pseudo-labels here. Hashed by content.
+    extra_train: str | None = None
     progress: bool = True
 
     def check(self) -> None:
@@ -249,6 +255,39 @@ def resolve(cfg: FinetuneConfig) -> dict[str, Any]:
         adam_eps=cfg.adam_eps if cfg.adam_eps is not None else optim["adam_eps"],
         trick_args={name: to_dict(args) for name, (_, args) in _trick_classes(cfg).items()},
     )
+    out.update(_extra_train_key(cfg.extra_train))
+    return out
+
+
+def _extra_train_key(path: str | None) -> dict[str, Any]:
+    """extra_train: its absolute path (not hashed, see UNHASHED) and a digest of its content (hashed). Unset,
+    no digest key is added, so cache keys of runs made before the field existed stay valid."""
+    if path is None:
+        return {}
+    f = Path(path).expanduser()
+    if not f.is_file():
+        raise ConfigError(f"extra_train: no such file {path}")
+    return {"extra_train": str(f.resolve()), "extra_train_sha256": hashlib.sha256(f.read_bytes()).hexdigest()[:16]}
+
+
+def load_extra_train(path: str | Path, spec: TaskSpec) -> list:
+    """The `extra_train` JSONL rows as Examples (label: class id, or a float score for STS-B)."""
+    from vegalm.data.glue import Example
+
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                label = float(row["label"]) if spec.is_regression else int(row["label"])
+                ex = Example(str(row["guid"]), int(row["index"]), str(row["text_a"]), row.get("text_b"), label)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise VegaError(f"{path}:{line_no}: bad extra_train row ({type(e).__name__}: {e})") from None
+            if not spec.is_regression and not 0 <= label < spec.num_labels:
+                raise VegaError(f"{path}:{line_no}: label {label} outside [0, {spec.num_labels}) for {spec.name}")
+            out.append(ex)
     return out
 
 
@@ -544,6 +583,10 @@ def run_finetune(cfg: FinetuneConfig | dict) -> dict[str, Any]:
     spec = get_task(resolved["task"])
     glue_dir = resolved["glue_dir"]
     train_ex = train_subset(load_split(spec.name, "train", glue_dir), cfg.max_train_samples)
+    if resolved.get("extra_train"):  # e.g. pseudo-labelled test rows (ablate.py), re-indexed after train
+        from vegalm.finetune.transductive import merge_train
+
+        train_ex = merge_train(train_ex, load_extra_train(resolved["extra_train"], spec))
     dev_ex = {s: load_split(spec.name, s, glue_dir) for s in spec.dev_splits}
     test_ex: dict[str, list] = {}
     if cfg.eval_test:
@@ -718,4 +761,5 @@ __all__ = [
     "reinit_top_layers",
     "MODEL_ALIASES",
     "train_subset",
+    "load_extra_train",
 ]

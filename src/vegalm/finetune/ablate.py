@@ -1,0 +1,690 @@
+"""Trick ablation: what each fine-tuning trick buys over our best vanilla recipe, over tasks x seeds.
+
+    vegalm ablate --model minilm-l6 --tasks rte,mrpc,stsb,cola --seeds 3 \\
+        --tricks vanilla,adv,selfcal,transductive,all --out runs/ablate
+    vegalm ablate --summary results/ablation/minilm-l6        # the table again, from committed JSON only
+
+    from vegalm.finetune.ablate import run_ablation, load_records, summarize
+    s = run_ablation("minilm-l6", "rte,stsb", seeds=3, combos="vanilla,adv", out="runs/ablate")
+    s["avg"]["adv"] - s["avg"]["vanilla"]
+
+Combos (`--tricks`, comma-separated; parts of one combo may be joined with `+`, e.g. `adv+ema`):
+  vanilla       FinetuneConfig with `defaults=vega` (our per-task recipe) and no tricks.
+  adv, selfcal  tricks=[adv] / tricks=[selfcal]; any other TRICKS name (smart, freelb, r3f, sift, ema)
+                is accepted as a single-trick combo. `trick_args.NAME.key=value` reaches every combo
+                that has trick NAME.
+  transductive  self-training on the task's test INPUTS (variant (b) of docs/tricks.md): the teacher is
+                the combo without `transductive` (for `transductive` alone: the vanilla run itself,
+                shared with the vanilla combo), its test logits select confident, class-balanced
+                pseudo-labels (`transductive.pseudo_label`, top `pseudo_fraction` = 30% of each test
+                split by default), and a fresh fine-tune from the pretrained model trains on
+                train + pseudo-labels (FinetuneConfig.extra_train). Test labels are never read: GLUE
+                gives none, and the test rows are handed to `pseudo_label`, which reads texts only.
+                STS-B (regression) has no confidence to select by, so it gets NO pseudo-labels: its
+                transductive result is the teacher's (for `transductive`: exactly vanilla's), said so
+                in the record. MNLI's AX rows (a diagnostic set) are never pseudo-labelled.
+                Variant (a), task-adaptive RTD pretraining on the task's text, only applies to our own
+                encoder (it needs the RTD generator) and is NOT part of this runner.
+  all           adv + selfcal + transductive. EMA is left out: it is not one of the Vega v1 tricks, and
+                its default 0.999 decay averages over ~1000 updates, about the whole length of an RTE
+                or MRPC run (770 / 1140 steps with the vega defaults), so it would fold under-trained
+                early weights into the evaluated model; measure it on its own (`ema`, `all+ema`).
+
+Every (combo, task, seed) is a `run_finetune` run, cached in out/<combo>/<task>/seed<k>/ (a transductive
+teacher in .../seed<k>/teacher/ unless shared with vanilla, its pseudo-labels in .../seed<k>/pseudo.jsonl),
+so an interrupted sweep continues where it stopped. Runs go seed-major (every task and combo for seed 0
+first), so a stopped sweep still has a complete one-seed table. Each finished run also writes a small
+JSON record to <results-dir>/<model-tag>/<combo>__<task>__seed<k>.json (dev metrics, task score, wall
+time, calibration, config hash, pseudo-label counts); those files are meant to be committed, and
+`--summary` rebuilds the table from them alone.
+
+Report (printed, and written to out/ablation.md, out/ablation.json, out/ablation.png): per task and combo
+the mean ± std (sample, ddof 1) and median of the dev task score over seeds; the task average (a two-metric
+task counts as the mean of its two, MNLI as the mean of m and mm, as GLUE does); each combo's change vs
+vanilla, per task and on average, and the tasks where a combo's mean is below vanilla's by more than
+vanilla's seed std on that task; wall time relative to vanilla over the same (task, seed) runs (a
+transductive run counts its teacher and its student, even when the teacher is shared with vanilla);
+for classification tasks, ECE (15 bins, in %) and NLL on dev before and after post-hoc temperature
+scaling, the 2-fold cross-fitted "after" numbers being the headline (calibration.py); and, for
+MiniLM-L6, the comparison with the plain transformers-Trainer anchor (ANCHOR). The last stdout line
+is one JSON object: {"tasks": [...], "seeds": N, "avg": {combo: task-average dev score}}.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vegalm.config import ConfigError
+from vegalm.errors import VegaError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMBOS = "vanilla,adv,selfcal,transductive,all"
+VANILLA, TRANSDUCTIVE, ALL = "vanilla", "transductive", "all"
+ALL_TRICKS = ("adv", "selfcal")  # + transductive; see the module docstring for why not ema
+COMBO_ORDER = (VANILLA, "adv", "selfcal", TRANSDUCTIVE, ALL)  # report order; others follow, sorted
+SET_BY_ABLATION = ("task", "model", "out", "seed", "tricks", "extra_train")
+WORSE_TOL = 0.005  # points: below the table's 2-decimal resolution, a rounding difference is not a loss
+PSEUDO_FRACTION = 0.3  # share of each test split kept as pseudo-labels (split evenly over the classes)
+# Task order of the report: the GLUE leaderboard's.
+TASK_ORDER = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
+# The plain transformers-Trainer anchor on MiniLM-L6: run_glue defaults, seed 42, dev, task scores in points
+# (MRPC = mean of F1 82.4 / acc 72.6, STS-B = mean of Pearson 80.5 / Spearman 82.3); 4-task average 56.3.
+ANCHOR = {"rte": 52.3, "mrpc": 77.5, "stsb": 81.4, "cola": 14.0}
+ANCHOR_MODEL = "minilm-l6"
+ANCHOR_NOTE = "transformers Trainer, MiniLM-L6, run_glue defaults, seed 42, dev"
+
+
+# ------------------------------------------------------------------------------------------- combos
+
+
+@dataclass(frozen=True)
+class Combo:
+    name: str
+    tricks: tuple[str, ...]
+    transductive: bool
+
+
+def _trick_registry() -> list[str]:
+    from vegalm.finetune.tricks import TRICKS
+
+    return list(TRICKS)
+
+
+def valid_combo_names() -> list[str]:
+    return [VANILLA, TRANSDUCTIVE, ALL] + [t for t in _trick_registry() if t not in (VANILLA, TRANSDUCTIVE, ALL)]
+
+
+def parse_combos(text: str | list[str]) -> list[Combo]:
+    """'vanilla,adv,all' -> Combos; a part joined with '+' adds to the same combo ('adv+ema')."""
+    names = text.split(",") if isinstance(text, str) else list(text)
+    registry = _trick_registry()
+    out: list[Combo] = []
+    for raw in (n.strip() for n in names):
+        if not raw or raw in (c.name for c in out):
+            continue
+        tricks: list[str] = []
+        transductive = False
+        parts = raw.split("+")
+        for part in parts:
+            if part == VANILLA and len(parts) == 1:
+                continue
+            if part == TRANSDUCTIVE:
+                transductive = True
+            elif part == ALL:
+                transductive = True
+                tricks += [t for t in ALL_TRICKS if t not in tricks]
+            elif part in registry:
+                if part not in tricks:
+                    tricks.append(part)
+            else:
+                raise ConfigError(f"tricks: unknown combo {raw!r} (valid: {', '.join(valid_combo_names())}; "
+                                  "join parts with '+', e.g. adv+ema)")
+        out.append(Combo(raw, tuple(tricks), transductive))
+    if not out:
+        raise ConfigError(f"tricks: no combo given (e.g. --tricks {DEFAULT_COMBOS})")
+    return out
+
+
+def model_tag(model: str) -> str:
+    """A folder name for a model: the alias itself, else the last two path parts ('runs/pt/discriminator'
+    -> 'pt-discriminator'; a Hub id 'org/name' -> 'org-name')."""
+    text = str(model).rstrip("/")
+    parts = [p for p in Path(text).parts if p not in ("/", ".", "..")][-2:]
+    tag = re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(parts) or text).strip("-.")
+    if not tag:
+        raise ConfigError(f"model-tag: cannot derive a tag from model {model!r}; pass --model-tag")
+    return tag
+
+
+def _record_name(combo: str, task: str, seed: int) -> str:
+    return f"{combo}__{task}__seed{seed}.json"
+
+
+# ------------------------------------------------------------------------------------ pseudo-labels
+
+
+def _read_test_index(path: Path) -> list[tuple[str, int]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        next(reader)
+        return [(row[0], int(row[1])) for row in reader]
+
+
+def pseudo_labels_from_run(run_dir: Path, res: dict, task: str, glue_dir: str,
+                           fraction: float) -> tuple[list, dict]:
+    """Confident, class-balanced pseudo-labels from a finished run's test logits: (Examples, info).
+
+    The test rows are read with `load_split` (GLUE test files have no labels) and handed to
+    `transductive.pseudo_label`, which reads guid, index and texts only."""
+    from vegalm.data.glue import get_task, load_split
+    from vegalm.finetune.transductive import pseudo_label
+
+    spec = get_task(task)
+    info: dict[str, Any] = {"fraction": fraction, "selected": 0, "per_class": [0] * spec.num_labels,
+                            "test_rows": 0, "skipped": None}
+    if spec.is_regression:
+        info["skipped"] = "regression (STS-B): no confidence to select pseudo-labels by"
+        return [], info
+    rows = {s: r for s, r in (res.get("test_rows") or {}).items() if s in spec.test_splits}  # never AX
+    if not rows:
+        info["skipped"] = "the teacher run has no test predictions (missing test file or eval_test=false)"
+        return [], info
+    logits = np.load(run_dir / "test_logits.npy")
+    index = _read_test_index(run_dir / "test_predictions.tsv")
+    chosen = []
+    for split, (a, b) in rows.items():
+        examples = load_split(task, split, glue_dir)
+        if [i for _, i in index[a:b]] != [ex.index for ex in examples]:
+            raise VegaError(f"{run_dir / 'test_predictions.tsv'}: its {split} rows do not match "
+                            f"{task}'s test file; delete {run_dir} to rerun the teacher")
+        chosen += pseudo_label(logits[a:b], examples, top_fraction=fraction, balance=True)
+        info["test_rows"] += b - a
+    for ex in chosen:
+        info["per_class"][ex.label] += 1
+    info["selected"] = len(chosen)
+    if not chosen:
+        info["skipped"] = "balanced selection is empty (the teacher predicts only one class)"
+    return chosen, info
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Rewrite only on a change, so the file (and the cache key hashed from it) stays put on a rerun."""
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_pseudo_jsonl(path: Path, examples: list) -> None:
+    lines = [json.dumps({"guid": ex.guid, "index": ex.index, "text_a": ex.text_a, "text_b": ex.text_b,
+                         "label": ex.label}, ensure_ascii=False) for ex in examples]
+    _write_if_changed(path, "".join(line + "\n" for line in lines))
+
+
+# --------------------------------------------------------------------------------------- one run
+
+
+def calibration_numbers(run_dir: Path, res: dict, task: str, glue_dir: str) -> dict | None:
+    """ECE / NLL before and after temperature scaling on the run's dev logits (all dev splits pooled)."""
+    from vegalm.data.glue import get_task, load_split
+    from vegalm.finetune.calibration import calibration_report
+
+    if get_task(task).is_regression:
+        return None
+    logits = np.load(run_dir / "dev_logits.npy")
+    labels = np.zeros(len(logits), dtype=np.int64)
+    for split, (a, b) in res["dev_rows"].items():
+        gold = [ex.label for ex in load_split(task, split, glue_dir)]
+        if len(gold) != b - a:
+            raise VegaError(f"{run_dir}: {b - a} dev rows for {split}, but the dev file has {len(gold)}")
+        labels[a:b] = gold
+    rep = calibration_report(logits, labels, seed=0)  # seed 0: the same dev halves for every combo
+    keys = ("ece_before", "ece_after", "ece_after_crossfit", "nll_before", "nll_after", "nll_after_crossfit",
+            "temperature")
+    return {k: round(float(rep[k]), 5) for k in keys if k in rep}
+
+
+def _split_scores(res: dict) -> dict[str, float]:
+    from vegalm.finetune.metrics import task_score
+
+    keys = res["dev_metric_keys"]
+    return {keys[s]: round(task_score(keys[s], m), 4) for s, m in res["dev"].items()}
+
+
+def _run_config(base: dict, trick_args: dict, combo: Combo, task: str, seed: int, out: Path,
+                extra: Path | None = None) -> dict:
+    cfg = {**base, "task": task, "seed": seed, "out": str(out), "tricks": list(combo.tricks),
+           "trick_args": {k: v for k, v in trick_args.items() if k in combo.tricks}}
+    if extra is not None:
+        cfg["extra_train"] = str(extra)
+    return cfg
+
+
+def run_one(combo: Combo, task: str, seed: int, *, base: dict, trick_args: dict, out: Path, glue_dir: str,
+            fraction: float) -> tuple[dict, int]:
+    """Run (or read back) one (combo, task, seed); returns (its record, number of runs actually trained)."""
+    from vegalm.finetune.runner import run_finetune
+
+    run_dir = out / combo.name / task / f"seed{seed}"
+    parts: dict[str, dict] = {}
+    pseudo_info = None
+    if not combo.transductive:
+        final, final_dir = run_finetune(_run_config(base, trick_args, combo, task, seed, run_dir)), run_dir
+        parts["run"] = final
+    else:
+        # the teacher: this combo without transductive; for `transductive` alone that is the vanilla run
+        teacher_dir = out / VANILLA / task / f"seed{seed}" if not combo.tricks else run_dir / "teacher"
+        teacher = run_finetune(_run_config(base, trick_args, combo, task, seed, teacher_dir))
+        parts["teacher"] = teacher
+        chosen, pseudo_info = pseudo_labels_from_run(teacher_dir, teacher, task, glue_dir, fraction)
+        pseudo_info["teacher_dir"] = str(teacher_dir)
+        pseudo_info["teacher_config_hash"] = teacher["config_hash"]
+        if chosen:
+            pseudo_path = run_dir / "pseudo.jsonl"
+            write_pseudo_jsonl(pseudo_path, chosen)
+            final = run_finetune(_run_config(base, trick_args, combo, task, seed, run_dir, extra=pseudo_path))
+            final_dir = run_dir
+            parts["student"] = final
+        else:  # nothing to add: training again on the same data would only be a reseeded teacher
+            log.warning("%s %s seed %d: no pseudo-labels (%s); reporting the teacher's run",
+                        combo.name, task, seed, pseudo_info["skipped"])
+            final, final_dir = teacher, teacher_dir
+    trained = sum(not p["cached"] for p in parts.values())
+    record = {
+        "combo": combo.name,
+        "task": final["task"],
+        "seed": seed,
+        "tricks": list(combo.tricks),
+        "transductive": combo.transductive,
+        "dev": final["dev"],
+        "split_scores": _split_scores(final),
+        "dev_score": round(float(final["dev_score"]), 4),
+        "wall_s": round(sum(p["timing"]["wall_s"] for p in parts.values()), 2),
+        "wall_parts_s": {k: p["timing"]["wall_s"] for k, p in parts.items()},
+        "train_steps": {k: p["train"]["steps"] for k, p in parts.items()},
+        "num_train_examples": final["num_train_examples"],
+        "calibration": calibration_numbers(final_dir, final, final["task"], glue_dir),
+        "pseudo": pseudo_info,
+        "config_hash": final["config_hash"],
+        "run_dir": str(final_dir),
+        "device": final.get("device"),
+        "created": final.get("created"),
+    }
+    return record, trained
+
+
+# ------------------------------------------------------------------------------------------ sweep
+
+
+def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seeds: int | str | list[int] = 3,
+                 combos: str | list[str] = DEFAULT_COMBOS, out: str | Path = "runs/ablate", *,
+                 results_dir: str | Path = "results/ablation", tag: str | None = None,
+                 pseudo_fraction: float = PSEUDO_FRACTION, **overrides: Any) -> dict[str, Any]:
+    """Run every seed x task x combo (cached runs are read back), write the records and the report.
+
+    `overrides` are FinetuneConfig fields for every run (`save_model` defaults to False); `progress=False`
+    also hides the sweep's bar. Returns `summarize(records)`."""
+    from tqdm.auto import tqdm
+
+    from vegalm.config import from_dict
+    from vegalm.data.glue import resolve_glue_dir, split_path
+    from vegalm.finetune.glue_runner import parse_seeds, parse_tasks
+    from vegalm.finetune.runner import UNHASHED, FinetuneConfig, minilm_path, resolve, resolve_model_dir
+
+    combo_list = parse_combos(combos)
+    task_list, seed_list = parse_tasks(tasks), parse_seeds(seeds)
+    taken = [k for k in SET_BY_ABLATION if k in overrides]
+    if taken:
+        raise ConfigError(f"{taken[0]}: set by the ablation (use --model/--tasks/--seeds/--tricks/--out)")
+    if not 0.0 < pseudo_fraction <= 1.0:
+        raise ConfigError(f"pseudo-fraction: expected 0 < f <= 1, got {pseudo_fraction}")
+    trick_args = dict(overrides.pop("trick_args", None) or {})
+    used = {t for c in combo_list for t in c.tricks}
+    stray = sorted(set(trick_args) - used)
+    if stray:
+        raise ConfigError(f"trick_args.{stray[0]}: trick {stray[0]!r} is in none of the combos "
+                          f"({', '.join(c.name for c in combo_list)})")
+    base = {"defaults": "vega", "save_model": False, **overrides, "model": model}
+    probe = from_dict(FinetuneConfig, {**base, "task": task_list[0], "out": str(out),
+                                       "tricks": sorted(used), "trick_args": trick_args})
+    resolve(probe)  # a bad key, value or trick argument fails here, before any training
+    glue_dir = str(resolve_glue_dir(probe.glue_dir))
+    for task in task_list:
+        if not split_path(task, "train", glue_dir).is_file():
+            raise VegaError(f"{task}: no training file {split_path(task, 'train', glue_dir)}; drop it from --tasks")
+    model_dir = resolve_model_dir(model)
+    tag = tag or model_tag(model)
+    rec_dir = Path(results_dir) / tag
+    out = Path(out)
+    # what the records say about the settings: only keys that change results (not progress, save_model, ...)
+    settings = {k: v for k, v in overrides.items() if k not in UNHASHED}
+    if trick_args:
+        settings["trick_args"] = trick_args
+    is_anchor_model = model == ANCHOR_MODEL or _same_dir(model_dir, minilm_path)
+    common = {"model": model, "model_tag": tag, "overrides": settings, "pseudo_fraction": pseudo_fraction,
+              "anchor_model": ANCHOR_MODEL if is_anchor_model else None}
+
+    records: list[dict] = []
+    trained = 0
+    total = len(seed_list) * len(task_list) * len(combo_list)
+    bar = tqdm(total=total, desc="ablation runs", unit="run", disable=not probe.progress)
+    try:
+        for seed in seed_list:
+            for task in task_list:
+                for combo in combo_list:
+                    bar.set_postfix_str(f"{combo.name} {task} seed {seed}")
+                    rec, n = run_one(combo, task, seed, base=base, trick_args=trick_args, out=out,
+                                     glue_dir=glue_dir, fraction=pseudo_fraction)
+                    rec = {**rec, **common}
+                    trained += n
+                    _write_if_changed(rec_dir / _record_name(combo.name, rec["task"], seed),
+                                      json.dumps(rec, indent=1, sort_keys=True) + "\n")
+                    records.append(rec)
+                    bar.update(1)
+    finally:
+        bar.close()
+    summary = summarize(records)
+    summary["trained_runs"] = trained
+    summary["records_dir"] = str(rec_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_if_changed(out / "ablation.md", render_markdown(summary))
+    _write_if_changed(out / "ablation.json", json.dumps(summary, indent=1, default=str) + "\n")
+    plot_ablation(summary, out / "ablation.png")
+    return summary
+
+
+def _same_dir(path: Path, other) -> bool:
+    try:
+        return path.resolve() == Path(other()).resolve()
+    except VegaError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------- summary
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """The ablation records under results/ablation/<model-tag>/ (or results/ablation with one tag)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise VegaError(f"summary: no such folder {root}")
+    files = sorted(root.glob("*__*__seed*.json"))
+    if not files:
+        tags = sorted(d.name for d in root.iterdir() if d.is_dir() and any(d.glob("*__*__seed*.json")))
+        if len(tags) > 1:
+            raise ConfigError(f"summary: {root} holds several model tags ({', '.join(tags)}); give one, "
+                              f"e.g. --summary {root / tags[0]}")
+        if tags:
+            files = sorted((root / tags[0]).glob("*__*__seed*.json"))
+    if not files:
+        raise VegaError(f"summary: no ablation records (<combo>__<task>__seed<k>.json) under {root}")
+    records = []
+    for f in files:
+        try:
+            rec = json.loads(f.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise VegaError(f"{f}:{e.lineno}: invalid JSON ({e.msg})") from None
+        missing = [k for k in ("combo", "task", "seed", "dev_score") if k not in rec]
+        if missing:
+            raise VegaError(f"{f}: not an ablation record (missing {missing[0]!r})")
+        records.append(rec)
+    return records
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"mean": float(statistics.fmean(values)), "median": float(statistics.median(values)),
+            "std": float(statistics.stdev(values)) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def _combo_key(name: str) -> tuple:
+    return (COMBO_ORDER.index(name), "") if name in COMBO_ORDER else (len(COMBO_ORDER), name)
+
+
+def _task_key(name: str) -> tuple:
+    return (TASK_ORDER.index(name), "") if name in TASK_ORDER else (len(TASK_ORDER), name)
+
+
+def summarize(records: list[dict]) -> dict[str, Any]:
+    """Aggregate records into the report's numbers (see the module docstring)."""
+    if not records:
+        raise VegaError("summary: no records")
+    tasks = sorted({r["task"] for r in records}, key=_task_key)
+    combos = sorted({r["combo"] for r in records}, key=_combo_key)
+    seeds = sorted({int(r["seed"]) for r in records})
+    by = {(r["combo"], r["task"], int(r["seed"])): r for r in records}
+    cells: dict[str, dict[str, dict]] = {c: {} for c in combos}
+    for (c, t, s), r in sorted(by.items()):
+        cells[c].setdefault(t, {"scores": {}})["scores"][str(s)] = r["dev_score"]
+    for c in combos:
+        for t, cell in cells[c].items():
+            cell.update(_stats(list(cell["scores"].values())))
+    avg = {c: (float(np.mean([cells[c][t]["mean"] for t in tasks])) if set(cells[c]) >= set(tasks) else None)
+           for c in combos}
+    van = cells.get(VANILLA, {})
+    delta, task_delta, worse, wall = {}, {}, {}, {}
+    for c in combos:
+        task_delta[c] = {t: cells[c][t]["mean"] - van[t]["mean"] for t in tasks if t in cells[c] and t in van}
+        worse[c] = [t for t, d in task_delta[c].items() if c != VANILLA and d < -van[t]["std"] - WORSE_TOL]
+        delta[c] = avg[c] - avg[VANILLA] if avg.get(VANILLA) is not None and avg[c] is not None else None
+        pairs = [(t, s) for (cc, t, s) in by if cc == c]
+        own = sum(by[(c, t, s)]["wall_s"] for t, s in pairs if "wall_s" in by[(c, t, s)])
+        ref_pairs = [(t, s) for t, s in pairs if (VANILLA, t, s) in by]
+        ref = sum(by[(VANILLA, t, s)].get("wall_s", 0.0) for t, s in ref_pairs)
+        mine = sum(by[(c, t, s)].get("wall_s", 0.0) for t, s in ref_pairs)
+        wall[c] = {"total_s": round(own, 1), "per_run_s": round(own / len(pairs), 1) if pairs else None,
+                   "vs_vanilla": round(mine / ref, 3) if ref > 0 else None}
+    calib: dict[str, dict[str, dict]] = {}
+    for c in combos:
+        for t in tasks:
+            reps = [by[(c, t, s)]["calibration"] for s in seeds
+                    if (c, t, s) in by and by[(c, t, s)].get("calibration")]
+            if reps:
+                calib.setdefault(c, {})[t] = {k: float(np.mean([r[k] for r in reps])) for k in reps[0]
+                                              if all(k in r for r in reps)} | {"n": len(reps)}
+    pseudo: dict[str, dict[str, dict]] = {}
+    for (c, t, s), r in sorted(by.items()):
+        if r.get("pseudo"):
+            p = pseudo.setdefault(c, {}).setdefault(t, {"selected": [], "test_rows": 0, "skipped": set()})
+            p["selected"].append(r["pseudo"]["selected"])
+            p["test_rows"] = r["pseudo"]["test_rows"]
+            if r["pseudo"].get("skipped"):
+                p["skipped"].add(r["pseudo"]["skipped"])
+    for per_task in pseudo.values():
+        for p in per_task.values():
+            p["skipped"] = sorted(p["skipped"])
+    models = sorted({str(r.get("model")) for r in records})
+    overrides = sorted({json.dumps(r.get("overrides", {}), sort_keys=True) for r in records})
+    summary = {
+        "models": models,
+        "model_tags": sorted({str(r.get("model_tag")) for r in records}),
+        "tasks": tasks,
+        "combos": combos,
+        "seeds": seeds,
+        "cells": cells,
+        "avg": avg,
+        "delta_vs_vanilla": delta,
+        "task_delta_vs_vanilla": task_delta,
+        "worse_than_vanilla_std": worse,
+        "wall": wall,
+        "calibration": calib,
+        "pseudo": pseudo,
+        "overrides": [json.loads(o) for o in overrides],
+        "anchor": _anchor(records, cells, tasks, combos),
+    }
+    return summary
+
+
+def _anchor(records: list[dict], cells: dict, tasks: list[str], combos: list[str]) -> dict | None:
+    if not any(r.get("anchor_model") == ANCHOR_MODEL for r in records):
+        return None
+    common = [t for t in tasks if t in ANCHOR]
+    if not common:
+        return None
+    ref = float(np.mean([ANCHOR[t] for t in common]))
+    vs = {c: float(np.mean([cells[c][t]["mean"] for t in common])) - ref for c in combos
+          if all(t in cells[c] for t in common)}
+    return {"note": ANCHOR_NOTE, "tasks": common, "scores": {t: ANCHOR[t] for t in common}, "avg": ref,
+            "delta": vs}
+
+
+def summary_line(summary: dict) -> str:
+    """The machine-readable last line: {"tasks": [...], "seeds": N, "avg": {combo: points}}."""
+    avg = {c: (round(v, 2) if v is not None else None) for c, v in summary["avg"].items()}
+    return json.dumps({"tasks": summary["tasks"], "seeds": len(summary["seeds"]), "avg": avg})
+
+
+def _fmt(x: float | None, signed: bool = False, nd: int = 2) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:+.{nd}f}" if signed else f"{x:.{nd}f}"
+
+
+def verdict_lines(summary: dict) -> list[str]:
+    """'all vs vanilla', 'all vs anchor' and the per-task regression check, as plain lines."""
+    lines = []
+    d = summary["delta_vs_vanilla"]
+    head = ALL if ALL in summary["combos"] else None
+    for c in summary["combos"]:
+        if c == VANILLA or d.get(c) is None:
+            continue
+        if head is None or c == head:
+            lines.append(f"{c} vs vanilla: {_fmt(d[c], True)} points (task average over "
+                         f"{', '.join(summary['tasks'])})")
+    anchor = summary.get("anchor")
+    if anchor:
+        for c in ([head] if head else []) + ([VANILLA] if VANILLA in summary["combos"] else []):
+            if c in anchor["delta"]:
+                lines.append(f"{c} vs anchor: {_fmt(anchor['delta'][c], True)} points (over "
+                             f"{', '.join(anchor['tasks'])}; anchor average {anchor['avg']:.2f}: {anchor['note']})")
+    if VANILLA in summary["combos"]:
+        for c in summary["combos"]:
+            if c == VANILLA or (head and c != head):
+                continue
+            bad = summary["worse_than_vanilla_std"].get(c, [])
+            cells, van = summary["cells"][c], summary["cells"][VANILLA]
+            lines.append(f"{c}: tasks worse than vanilla by more than vanilla's seed std: " + (", ".join(
+                f"{t} ({cells[t]['mean'] - van[t]['mean']:+.2f}, std {van[t]['std']:.2f})" for t in bad) or "none"))
+    return lines
+
+
+def render_markdown(summary: dict) -> str:
+    tasks, combos = summary["tasks"], summary["combos"]
+    cells, wall = summary["cells"], summary["wall"]
+    seeds = summary["seeds"]
+    lines = [f"# Trick ablation: {', '.join(summary['model_tags'])}", "",
+             f"Model: {', '.join(summary['models'])}. Seeds: {', '.join(map(str, seeds))}. Dev task scores in "
+             "points; a cell is mean ± std (median) over seeds, n < seeds marked [n]. A two-metric task counts "
+             "as the mean of its two metrics, MNLI as the mean of m and mm (the GLUE rule).", ""]
+    if len(summary["overrides"]) > 1:
+        lines += ["**Warning: the records were made with different settings:** "
+                  + "; ".join(json.dumps(o) for o in summary["overrides"]), ""]
+    elif summary["overrides"] and summary["overrides"][0]:
+        lines += ["Settings on top of the vega defaults: " + json.dumps(summary["overrides"][0]), ""]
+    lines += ["| combo | " + " | ".join(tasks) + " | avg | Δ avg vs vanilla | wall vs vanilla | s/run |",
+              "|---|" + "---|" * (len(tasks) + 4)]
+    for c in combos:
+        row = [c]
+        for t in tasks:
+            e = cells[c].get(t)
+            if e is None:
+                row.append("—")
+                continue
+            n = f" [{e['n']}]" if e["n"] < len(seeds) else ""
+            row.append(f"{e['mean']:.2f} ± {e['std']:.2f} ({e['median']:.2f}){n}")
+        w = wall[c]
+        ratio = f"×{w['vs_vanilla']:.2f}" if w["vs_vanilla"] is not None else "n/a"
+        row += [_fmt(summary["avg"][c]), "—" if c == VANILLA else _fmt(summary["delta_vs_vanilla"][c], True),
+                ratio, _fmt(w["per_run_s"], nd=0)]
+        lines.append("| " + " | ".join(row) + " |")
+    if VANILLA in combos and len(combos) > 1:
+        lines += ["", "Change vs vanilla per task (mean over seeds; * = below vanilla by more than vanilla's "
+                  "seed std on that task):", "",
+                  "| combo | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for c in combos:
+            if c == VANILLA:
+                continue
+            td = summary["task_delta_vs_vanilla"][c]
+            bad = summary["worse_than_vanilla_std"][c]
+            lines.append("| " + " | ".join([c] + [(_fmt(td[t], True) + ("*" if t in bad else "")) if t in td
+                                                   else "—" for t in tasks]) + " |")
+    calib = summary["calibration"]
+    if calib:
+        lines += ["", "Calibration on dev (classification tasks; mean over seeds). ECE in % (15 bins), NLL in "
+                  "nats; 'after' = post-hoc temperature scaling, cross-fitted (T fitted on one half of dev, "
+                  "scored on the other, then swapped): the honest number. In-sample 'after' in brackets.", "",
+                  "| combo | task | ECE before | ECE after | NLL before | NLL after | T |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in combos:
+            for t, m in calib.get(c, {}).items():
+                ece_cf = m.get("ece_after_crossfit", m["ece_after"])
+                nll_cf = m.get("nll_after_crossfit", m["nll_after"])
+                lines.append(f"| {c} | {t} | {100 * m['ece_before']:.2f} | {100 * ece_cf:.2f} "
+                             f"[{100 * m['ece_after']:.2f}] | {m['nll_before']:.4f} | {nll_cf:.4f} "
+                             f"[{m['nll_after']:.4f}] | {m['temperature']:.2f} |")
+    if summary["pseudo"]:
+        lines += ["", "Transductive pseudo-labels (test inputs only; confident, class-balanced):", ""]
+        for c, per_task in summary["pseudo"].items():
+            for t, p in per_task.items():
+                sel = p["selected"]
+                note = f" ({'; '.join(p['skipped'])})" if p["skipped"] else ""
+                if max(sel) == 0:
+                    lines.append(f"- {c} / {t}: no pseudo-labels{note}; the row reports the teacher's run")
+                else:
+                    span = f"{min(sel)}–{max(sel)}" if min(sel) != max(sel) else f"{sel[0]}"
+                    lines.append(f"- {c} / {t}: {span} of {p['test_rows']} test rows, per seed{note}")
+    lines += ["", "Verdict:", ""] + [f"- {v}" for v in verdict_lines(summary)]
+    lines += ["", "Not in this table: task-adaptive RTD pretraining (transductive variant (a)); it needs our own "
+              "encoder's RTD generator and runs in the pretraining code, not here.", ""]
+    return "\n".join(lines)
+
+
+def plot_ablation(summary: dict, path: Path) -> None:
+    """Grouped bars: per task (and the average), one bar per combo = mean over seeds, error bar = std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, combos, cells = summary["tasks"], summary["combos"], summary["cells"]
+    groups = tasks + ["avg"]
+    width = 0.8 / len(combos)
+    fig, ax = plt.subplots(figsize=(1.1 * len(groups) * max(1.0, len(combos) / 3) + 2.5, 3.8))
+    x = np.arange(len(groups))
+    for i, c in enumerate(combos):
+        means = [cells[c][t]["mean"] if t in cells[c] else np.nan for t in tasks] + [
+            summary["avg"][c] if summary["avg"][c] is not None else np.nan]
+        stds = [cells[c][t]["std"] if t in cells[c] else 0.0 for t in tasks] + [0.0]
+        ax.bar(x - 0.4 + width * (i + 0.5), means, width, yerr=stds, capsize=2, label=c)
+    anchor = summary.get("anchor")
+    if anchor:
+        pts = [(i, anchor["scores"][t]) for i, t in enumerate(tasks) if t in anchor["scores"]]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="_", s=400, color="black", zorder=4,
+                   label="HF anchor")
+    ax.set_xticks(x, groups)
+    ax.set_ylabel("dev task score (points)")
+    ax.set_title(f"Trick ablation ({', '.join(summary['model_tags'])}, {len(summary['seeds'])} seed(s))")
+    ax.legend(fontsize=7, ncol=min(len(combos) + 1, 4), loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def print_report(summary: dict) -> None:
+    """The table, the verdict lines, and the JSON line last."""
+    print(render_markdown(summary))
+    print(summary_line(summary), flush=True)
+
+
+__all__ = [
+    "ALL_TRICKS",
+    "ANCHOR",
+    "Combo",
+    "load_records",
+    "model_tag",
+    "parse_combos",
+    "plot_ablation",
+    "print_report",
+    "pseudo_labels_from_run",
+    "render_markdown",
+    "run_ablation",
+    "run_one",
+    "summarize",
+    "summary_line",
+    "valid_combo_names",
+]

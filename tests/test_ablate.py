@@ -1,0 +1,319 @@
+"""`vegalm ablate`: combos, the sweep's records / table / plot / JSON line, caching, pseudo-labels, --summary.
+
+One real sweep (module fixture) on a 2-layer, hidden-32 random encoder, 1 seed, tasks WNLI (the smallest
+real classification task) and STS-B, combos vanilla, adv (SiFT, lambda 1), selfcal and transductive,
+32 training examples and 2 steps per run. The encoder is initialised with std 0.5 instead of 0.02 so
+that its features differ between inputs and the teacher predicts both classes (with 0.02 every test row
+gets the same logits, and a class-balanced selection is empty). The summary and anchor arithmetic is
+checked on hand-written records in the exact committed format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+
+from vegalm.config import ConfigError
+from vegalm.data import glue as glue_data
+from vegalm.errors import VegaError
+from vegalm.finetune import ablate
+from vegalm.finetune.runner import FinetuneConfig, config_hash, load_extra_train, minilm_path, resolve
+
+GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
+pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
+TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            position_buckets=32, initializer_range=0.5)
+COMBOS = ["vanilla", "adv", "selfcal", "transductive"]
+SETTINGS = ["max_train_samples=32", "batch_size=16", "max_steps=2", "progress=false", f"glue_dir={GLUE_DIR}",
+            "trick_args.adv.params.vat_lambda=1.0"]
+
+
+def _main(argv: list[str]) -> tuple[int, str]:
+    from vegalm.cli import main
+
+    buf = io.StringIO()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with contextlib.redirect_stdout(buf):
+        rc = main(argv)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return rc, buf.getvalue()
+
+
+class _GuardedTestRow:
+    """A test row whose label must never be read (GLUE test files have none; a leak would show here)."""
+
+    __slots__ = ("guid", "index", "text_a", "text_b")
+
+    def __init__(self, ex):
+        self.guid, self.index, self.text_a, self.text_b = ex.guid, ex.index, ex.text_a, ex.text_b
+
+    @property
+    def label(self):
+        raise AssertionError(f"the label of test row {self.guid} was read")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from vegalm.model import EncoderConfig, VegaModel
+
+    path = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    VegaModel(EncoderConfig(**TINY)).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_path() / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_dir, tmp_path_factory):
+    """The sweep, run once through the CLI, with test rows that raise if their label is read."""
+    torch.set_num_threads(1)  # the cores are shared
+    root = tmp_path_factory.mktemp("ablate")
+    argv = ["ablate", "--model", str(tiny_dir), "--tasks", "wnli,stsb", "--seeds", "1", "--tricks", ",".join(COMBOS),
+            "--out", str(root / "out"), "--results-dir", str(root / "results"), "--model-tag", "tiny", *SETTINGS]
+    real = glue_data.load_split
+    handed = []
+
+    def guarded(task, split, glue_dir=None):
+        rows = real(task, split, glue_dir)
+        if split.startswith("test"):
+            rows = [_GuardedTestRow(ex) for ex in rows]
+            handed.extend(rows)
+        return rows
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(glue_data, "load_split", guarded)  # ablate.py imports it from here at call time
+        rc, stdout = _main(argv)
+    assert rc == 0, stdout
+    return {"root": root, "argv": argv, "stdout": stdout, "records": root / "results" / "tiny",
+            "out": root / "out", "handed": handed}
+
+
+def _record(sweep, combo, task) -> dict:
+    return json.loads((sweep["records"] / f"{combo}__{task}__seed0.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ combos
+
+
+def test_combo_names_and_model_tags():
+    got = {c.name: (c.tricks, c.transductive) for c in ablate.parse_combos("vanilla, adv,all,adv+ema,ema,all")}
+    assert got == {"vanilla": ((), False), "adv": (("adv",), False), "all": (("adv", "selfcal"), True),
+                   "adv+ema": (("adv", "ema"), False), "ema": (("ema",), False)}
+    assert [c.name for c in ablate.parse_combos("selfcal,transductive")] == ["selfcal", "transductive"]
+    assert ablate.parse_combos("transductive")[0].tricks == ()
+    with pytest.raises(ConfigError) as e:
+        ablate.parse_combos("vanilla,advv")
+    msg = str(e.value)
+    assert "\n" not in msg and "'advv'" in msg
+    assert all(n in msg for n in ("vanilla", "adv", "selfcal", "transductive", "all", "smart", "freelb", "r3f",
+                                  "sift", "ema"))
+    with pytest.raises(ConfigError, match="unknown combo 'vanilla\\+adv'"):
+        ablate.parse_combos("vanilla+adv")
+    assert ablate.model_tag("minilm-l6") == "minilm-l6"
+    assert ablate.model_tag("runs/pt/discriminator/") == "pt-discriminator"
+    assert ablate.model_tag("microsoft/deberta-v3-small") == "microsoft-deberta-v3-small"
+
+
+def test_extra_train_hook_is_hashed_by_content(tiny_dir, tmp_path):
+    rows = [{"guid": "wnli-test-3", "index": 3, "text_a": "A dog.", "text_b": "It barks.", "label": 1}]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b" / "pseudo.jsonl"
+    b.parent.mkdir()
+    for f in (a, b):
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = dict(task="wnli", model=str(tiny_dir), out=str(tmp_path / "o"), glue_dir=str(GLUE_DIR))
+    plain = resolve(FinetuneConfig(**base))
+    with_a = resolve(FinetuneConfig(**base, extra_train=str(a)))
+    assert "extra_train_sha256" not in plain and with_a["extra_train"] == str(a.resolve())
+    # the same content elsewhere is the same run; other content is another run; none is the old key
+    assert config_hash(with_a) == config_hash(resolve(FinetuneConfig(**base, extra_train=str(b))))
+    b.write_text(b.read_text().replace('"label": 1', '"label": 0'))
+    assert config_hash(with_a) != config_hash(resolve(FinetuneConfig(**base, extra_train=str(b)))) != config_hash(plain)
+    ex = load_extra_train(a, glue_data.TASKS["wnli"])
+    assert [(e.guid, e.index, e.label) for e in ex] == [("wnli-test-3", 3, 1)]
+    a.write_text(json.dumps({**rows[0], "label": 2}) + "\n")
+    with pytest.raises(VegaError, match=r"a\.jsonl:1: label 2 outside \[0, 2\)"):
+        load_extra_train(a, glue_data.TASKS["wnli"])
+    with pytest.raises(ConfigError, match="extra_train: no such file"):
+        resolve(FinetuneConfig(**base, extra_train=str(tmp_path / "missing.jsonl")))
+
+
+# ------------------------------------------------------------------------------------------ the sweep
+
+
+def test_records_table_plot_and_json_line(sweep):
+    files = sorted(p.name for p in sweep["records"].glob("*.json"))
+    assert files == sorted(f"{c}__{t}__seed0.json" for c in COMBOS for t in ("wnli", "stsb"))
+    for combo in COMBOS:
+        for task in ("wnli", "stsb"):
+            rec = _record(sweep, combo, task)
+            run = json.loads((Path(rec["run_dir"]) / "results.json").read_text())
+            assert rec["dev_score"] == pytest.approx(run["dev_score"], abs=1e-4)
+            assert rec["config_hash"] == run["config_hash"] and rec["model_tag"] == "tiny"
+            assert rec["combo"] == combo and rec["seed"] == 0 and rec["wall_s"] > 0
+            assert run["config"]["tricks"] == rec["tricks"] and run["config"]["defaults"] == "vega"
+            assert rec["overrides"]["max_steps"] == 2 and "progress" not in rec["overrides"]
+            if task == "wnli":  # classification: calibration from the dev logits, cross-fitted included
+                cal = rec["calibration"]
+                assert {"ece_before", "ece_after", "ece_after_crossfit", "nll_before", "nll_after_crossfit",
+                        "temperature"} <= set(cal) and 0 <= cal["ece_before"] <= 1
+            else:
+                assert rec["calibration"] is None
+    assert _record(sweep, "adv", "wnli")["tricks"] == ["adv"]
+    adv_run = json.loads((sweep["out"] / "adv" / "wnli" / "seed0" / "results.json").read_text())
+    assert adv_run["config"]["trick_args"]["adv"]["params"] == {"vat_lambda": 1.0}
+
+    md = (sweep["out"] / "ablation.md").read_text()
+    for combo in COMBOS:
+        assert f"| {combo} |" in md
+    assert "| combo | stsb | wnli | avg | Δ avg vs vanilla | wall vs vanilla | s/run |" in md
+    van = {t: _record(sweep, "vanilla", t)["dev_score"] for t in ("wnli", "stsb")}
+    assert f"{van['wnli']:.2f} ± 0.00 ({van['wnli']:.2f})" in md and "RTD" in md
+    assert (sweep["out"] / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    lines = sweep["stdout"].strip().splitlines()
+    assert lines[0].startswith("trained 7 run(s)")  # 4 combos x 2 tasks, less STS-B's transductive (no pseudo)
+    last = json.loads(lines[-1])
+    assert set(last) == {"tasks", "seeds", "avg"} and last["tasks"] == ["stsb", "wnli"] and last["seeds"] == 1
+    assert list(last["avg"]) == COMBOS
+    assert last["avg"]["vanilla"] == pytest.approx((van["wnli"] + van["stsb"]) / 2, abs=0.006)
+    assert "| vanilla |" in sweep["stdout"]  # the table is printed too
+
+
+def test_transductive_pseudo_labels(sweep):
+    assert len(sweep["handed"]) >= 146  # WNLI's test rows went through the label guard
+    rec = _record(sweep, "transductive", "wnli")
+    p = rec["pseudo"]
+    teacher = Path(p["teacher_dir"])
+    assert teacher == sweep["out"] / "vanilla" / "wnli" / "seed0"  # shared with the vanilla combo
+    assert p["test_rows"] == 146 and p["skipped"] is None
+    assert p["selected"] == sum(p["per_class"]) > 0 and len(set(p["per_class"])) == 1  # class-balanced
+    assert p["selected"] <= int(0.3 * 146)
+    pseudo = [json.loads(line) for line in (Path(rec["run_dir"]) / "pseudo.jsonl").read_text().splitlines()]
+    assert len(pseudo) == p["selected"] and all(r["guid"].startswith("wnli-test-") for r in pseudo)
+    logits = np.load(teacher / "test_logits.npy")  # test rows in file order (index 0..145)
+    test_index = [e.index for e in glue_data.load_split("wnli", "test", GLUE_DIR)]
+    for r in pseudo:  # every pseudo-label is the teacher's prediction
+        assert r["label"] == int(logits[test_index.index(r["index"])].argmax())
+    run = json.loads((Path(rec["run_dir"]) / "results.json").read_text())
+    assert run["num_train_examples"] == 32 + p["selected"] and "extra_train_sha256" in run["config"]
+    assert rec["wall_s"] == pytest.approx(sum(rec["wall_parts_s"].values()))
+    assert set(rec["wall_parts_s"]) == {"teacher", "student"}
+    # STS-B: regression, no pseudo-labels, the row is vanilla's run
+    st = _record(sweep, "transductive", "stsb")
+    assert st["pseudo"]["selected"] == 0 and "regression" in st["pseudo"]["skipped"]
+    assert st["dev_score"] == _record(sweep, "vanilla", "stsb")["dev_score"]
+    assert st["run_dir"] == str(sweep["out"] / "vanilla" / "stsb" / "seed0")
+
+
+def test_rerun_trains_nothing(sweep, monkeypatch):
+    before = {p.name: p.read_bytes() for p in sweep["records"].glob("*.json")}
+    pseudo = sweep["out"] / "transductive" / "wnli" / "seed0" / "pseudo.jsonl"
+    mtime = pseudo.stat().st_mtime_ns
+
+    def no_training(*a, **k):
+        raise AssertionError("a cached run must not train")
+
+    monkeypatch.setattr("vegalm.train.trainer.Trainer.train", no_training)
+    rc, stdout = _main(sweep["argv"])
+    assert rc == 0 and stdout.startswith("trained 0 run(s)")
+    assert {p.name: p.read_bytes() for p in sweep["records"].glob("*.json")} == before
+    assert pseudo.stat().st_mtime_ns == mtime
+    assert stdout.strip().splitlines()[-1] == sweep["stdout"].strip().splitlines()[-1]
+
+
+def test_summary_from_records_alone(sweep, tmp_path, monkeypatch):
+    committed = tmp_path / "results" / "ablation" / "tiny"
+    shutil.copytree(sweep["records"], committed)
+    monkeypatch.setattr("vegalm.finetune.runner.run_finetune", lambda *a, **k: pytest.fail("summary trained"))
+    want = sweep["stdout"].strip().splitlines()[-1]
+    for path in (committed, committed.parent):  # the tag folder, or its parent holding one tag
+        rc, stdout = _main(["ablate", "--summary", str(path)])
+        assert rc == 0 and stdout.strip().splitlines()[-1] == want
+        assert "| transductive |" in stdout and "Calibration on dev" in stdout
+    (committed.parent / "other").mkdir()
+    shutil.copy(next(committed.glob("*.json")), committed.parent / "other")
+    with pytest.raises(ConfigError, match="several model tags"):
+        ablate.load_records(committed.parent)
+
+
+# ------------------------------------------------------------------------------------------ summary
+
+
+def _write_records(root: Path, scores: dict, model: str = "minilm-l6", anchor: str | None = "minilm-l6"):
+    """Records in the committed format: scores[combo][task] = [score per seed]; wall 10 s, `all` 30 s."""
+    root.mkdir(parents=True)
+    for combo, per_task in scores.items():
+        for task, values in per_task.items():
+            for seed, v in enumerate(values):
+                rec = {"combo": combo, "task": task, "seed": seed, "dev_score": v, "model": model,
+                       "model_tag": "minilm-l6", "anchor_model": anchor, "overrides": {},
+                       "wall_s": 30.0 if combo == "all" else 10.0, "calibration": None, "pseudo": None}
+                (root / f"{combo}__{task}__seed{seed}.json").write_text(json.dumps(rec))
+
+
+def test_summary_arithmetic_anchor_and_verdict(tmp_path):
+    scores = {
+        "vanilla": {"rte": [60, 62, 64], "mrpc": [80, 81, 82], "stsb": [84, 85, 86], "cola": [20, 25, 30]},
+        "all": {"rte": [64, 66, 68], "mrpc": [82, 83, 84], "stsb": [83, 83.5, 84], "cola": [25, 26, 27]},
+    }
+    _write_records(tmp_path / "r", scores)
+    s = ablate.summarize(ablate.load_records(tmp_path / "r"))
+    assert s["tasks"] == ["cola", "mrpc", "stsb", "rte"] and s["seeds"] == [0, 1, 2]
+    assert s["cells"]["vanilla"]["rte"]["mean"] == 62 and s["cells"]["vanilla"]["rte"]["std"] == pytest.approx(2)
+    assert s["cells"]["vanilla"]["cola"]["median"] == 25
+    assert s["avg"]["vanilla"] == pytest.approx((62 + 81 + 85 + 25) / 4)
+    assert s["avg"]["all"] == pytest.approx((66 + 83 + 83.5 + 26) / 4)
+    assert s["delta_vs_vanilla"]["all"] == pytest.approx(s["avg"]["all"] - s["avg"]["vanilla"])
+    # STS-B: -1.5 vs vanilla's std 1.0 -> flagged; CoLA: +1; none other is below
+    assert s["worse_than_vanilla_std"]["all"] == ["stsb"]
+    assert s["wall"]["all"]["vs_vanilla"] == pytest.approx(3.0)
+    anchor = s["anchor"]
+    assert anchor["avg"] == pytest.approx(56.3) and anchor["tasks"] == ["cola", "mrpc", "stsb", "rte"]
+    assert anchor["delta"]["all"] == pytest.approx(s["avg"]["all"] - 56.3)
+    verdict = "\n".join(ablate.verdict_lines(s))
+    assert f"all vs vanilla: {s['delta_vs_vanilla']['all']:+.2f} points" in verdict
+    assert f"all vs anchor: {s['avg']['all'] - 56.3:+.2f} points" in verdict
+    assert "worse than vanilla by more than vanilla's seed std: stsb (-1.50, std 1.00)" in verdict
+    line = json.loads(ablate.summary_line(s))
+    assert line == {"tasks": ["cola", "mrpc", "stsb", "rte"], "seeds": 3,
+                    "avg": {"vanilla": round(s["avg"]["vanilla"], 2), "all": round(s["avg"]["all"], 2)}}
+    # another model: no anchor; a combo missing a task has no average
+    del scores["all"]["cola"]
+    _write_records(tmp_path / "q", scores, model="runs/pt/discriminator", anchor=None)
+    s2 = ablate.summarize(ablate.load_records(tmp_path / "q"))
+    assert s2["anchor"] is None and s2["avg"]["all"] is None
+    assert json.loads(ablate.summary_line(s2))["avg"]["all"] is None
+    assert "anchor" not in "\n".join(ablate.verdict_lines(s2))
+
+
+def test_cli_errors_are_one_line(tiny_dir, tmp_path, capsys):
+    from vegalm.cli import main
+
+    base = ["ablate", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--results-dir", str(tmp_path / "r"),
+            "--tasks", "wnli"]
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([*base, "--tricks", "vanilla,bogus"], "unknown combo 'bogus' (valid: vanilla, transductive, all"),
+        ([*base, "tricks=adv"], "tricks: set by the ablation"),
+        ([*base, "--tricks", "vanilla,adv", "trick_args.selfcal.alpha_T=0.5"], "trick_args.selfcal"),
+        ([*base, "lrr=1"], "unknown key lrr"),
+        ([*base, "--tricks", "adv", "trick_args.adv.params.vat_lamda=1"], "vat_lamda"),
+        ([*base, "--pseudo-fraction", "0"], "pseudo-fraction"),
+        (["ablate", "--tasks", "wnli"], "--model: required"),
+        (["ablate", "--summary", str(tmp_path / "empty")], "no ablation records"),
+        (["ablate", "--summary", str(tmp_path / "empty"), "--model", "x"], "--summary reads the JSON records only"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and expected in err, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()  # nothing ran
