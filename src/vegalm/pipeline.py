@@ -1,5 +1,6 @@
 """`vegalm run`: the whole Vega recipe end to end, then a report. `make demo` runs it on recipes/tiny.yaml.
 
+examples:
     vegalm run --recipe recipes/tiny.yaml --out runs/demo          # ~25 min on 2 CPU cores
     vegalm run --recipe recipes/smoke.yaml --out runs/smoke        # CI: the same path in < 3 min
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 def register(sub, formatter) -> None:
-    tok = sub.add_parser("tokenizer", help="tokenizer tools", formatter_class=formatter)
+    tok = sub.add_parser("tokenizer", help="tokenizer tools", formatter_class=formatter,
+                         description="Tokenizer tools (one action so far: train).\n\n"
+                         "example: vegalm tokenizer train --corpus '../shared/data/corpus/*/*.gz' --vocab-size 8000 "
+                         "--out runs/tok")
     tsub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
     p = tsub.add_parser(
         "train",

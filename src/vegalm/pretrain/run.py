@@ -117,9 +117,12 @@ def run_pretrain(cfg: RecipeConfig, out: str | Path, resume: bool = True, data_d
     _write_json(out / "recipe.json", to_dict(cfg))
 
     phases = [("phase1", cfg.phase1)] + ([("phase2", cfg.phase2)] if cfg.phase2 is not None else [])
-    model, accelerator, summaries = None, None, {}
+    model, accelerator, summaries, trained = None, None, {}, False
     for name, phase in phases:
         prev = model
+        # Seeded init: torch's default generator is seeded randomly per process, and a phase that is
+        # skipped (done.json) or resumed must build the same initial weights (phase 2's new SimCSE head).
+        torch.manual_seed(phase.train.seed)
         model = build_pretrain_model(model_cfg, phase.objective, mask_id, special)
         if prev is not None:  # continue from the previous phase's weights (a new phase may add the SimCSE head)
             missing, unexpected = model.load_state_dict(prev.state_dict(), strict=False)
@@ -139,15 +142,34 @@ def run_pretrain(cfg: RecipeConfig, out: str | Path, resume: bool = True, data_d
             log.info("%s: complete (step %s), skipped", name, done.get("step"))
         else:
             summaries[name] = trainer.train(resume=resume)
+            trained = True
             if trainer.is_main:
                 _write_json(pdir / "done.json", summaries[name])
         model = trainer.model
 
     result = {"recipe": cfg.name, "phases": summaries, "wall_s": time.time() - t0, "tokenizer": str(tok_dir)}
     if accelerator is None or accelerator.is_main_process:
-        result.update(export(model, tokenizer, out))
+        # Re-exporting unchanged weights would still change the files' mtimes, which fine-tuning caches
+        # key on (finetune/runner.py `_fingerprint`): a re-run of a finished recipe would retrain GLUE.
+        previous = None if trained else _previous_export(out)
+        if previous is not None:
+            log.info("export: %s is complete, skipped", previous["model_path"])
+        else:
+            (out / "summary.json").unlink(missing_ok=True)  # so an export cut short is never taken as complete
+        result.update(previous or export(model, tokenizer, out))
         _write_json(out / "summary.json", result)
     return result
+
+
+def _previous_export(out: Path) -> dict | None:
+    """The export paths recorded in out/summary.json, if every exported folder is still complete."""
+    try:
+        prev = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    paths = {k: prev[k] for k in ("model_path", "generator_path") if isinstance(prev.get(k), str)}
+    complete = all((Path(p) / f).is_file() for p in paths.values() for f in ("config.json", "model.safetensors"))
+    return paths if "model_path" in paths and complete else None
 
 
 def export(model, tokenizer, out: Path) -> dict:

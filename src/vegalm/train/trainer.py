@@ -33,6 +33,10 @@ Processes must agree: the objective must return the same log keys on every proce
 that sets `should_stop` must set it on every process.
 
 Outputs: out_dir/metrics.jsonl (one line per log step), out_dir/tb (TensorBoard), out_dir/checkpoints.
+
+Test hook (environment; the checkpoint hooks VEGALM_TEST_CKPT_ABORT / _SLEEP are in checkpoint.py):
+VEGALM_TEST_NAN_STEPS="3,4" multiplies the objective's loss by NaN on those (1-based) optimizer steps of
+every Trainer in the process, so the skip / stop path can be driven through the CLI.
 """
 
 from __future__ import annotations
@@ -201,6 +205,7 @@ class Trainer:
         self._writer = None
         self._step_lr = 0.0  # lr used by the latest update
         self.should_stop = False  # a callback may set it (on every process): the loop saves and returns
+        self._nan_steps = _test_nan_steps()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -341,6 +346,8 @@ class Trainer:
             with acc.accumulate(model):  # no gradient all-reduce except on the last micro-batch
                 with acc.autocast():
                     loss, logs = self.objective(model, batch)
+                if self.step + 1 in self._nan_steps:  # test hook (VEGALM_TEST_NAN_STEPS)
+                    loss = loss * float("nan")
                 acc.backward(loss)  # divides by grad_accum (and scales for fp16)
             losses.append(loss.detach().float().reshape(()))
             for k, v in logs.items():
@@ -459,6 +466,15 @@ class Trainer:
 
             self._writer = SummaryWriter(str(self.out_dir / "tb"))
         return self._writer
+
+
+def _test_nan_steps() -> frozenset[int]:
+    """VEGALM_TEST_NAN_STEPS="3,4" -> {3, 4} (see the module docstring); empty when unset."""
+    raw = os.environ.get("VEGALM_TEST_NAN_STEPS", "")
+    try:
+        return frozenset(int(s) for s in raw.split(",") if s.strip())
+    except ValueError:
+        raise VegaError(f"VEGALM_TEST_NAN_STEPS={raw!r}: expected comma-separated step numbers") from None
 
 
 def _has_accelerator_device() -> bool:
