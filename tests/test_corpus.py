@@ -223,3 +223,28 @@ def test_build_memory_is_bounded_by_chunk_not_corpus(tok, tmp_path):
 
 def test_measure_tokenization_mbps(tok):
     assert measure_tokenization_mbps(tok, WIKI1, max_mb=0.2) > 0
+
+
+def test_hub_corpus_spec_streams_through_the_same_pipeline(tmp_path, monkeypatch):
+    """`hf:NAME:CONFIG:SPLIT:FIELD` goes through datasets.load_dataset (faked here: no network) into
+    the same tokenizer training and packing as local files."""
+    import datasets
+
+    from vegalm.data.corpus import build_segments, hub_spec
+    from vegalm.data.tokenizer import train_tokenizer
+
+    rows = [{"body": f"Document {i} talks about topic {i % 7} in several plain words."} for i in range(200)]
+    calls = []
+
+    def fake_load(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    spec = "hf:someone/corpus:en:train:body"
+    assert hub_spec(spec) == {"name": "someone/corpus", "config": "en", "split": "train", "text_field": "body"}
+    tok = train_tokenizer(spec, 200, tmp_path / "tok", progress=False, seed_size=5000)
+    store = build_segments(tok, spec, tmp_path / "seg", seq_len=32, seed=0, num_proc=1, progress=False)
+    assert calls[0] == ("someone/corpus", "en", "train", True)
+    assert len(store) > 0 and store.meta["files"] == [{"hub": spec}]
+    assert store[0]["input_ids"][0].item() == 1  # [CLS]

@@ -332,6 +332,37 @@ def iter_documents_hub(
     return documents_from_records(ds, text_field, stats, max_docs=max_docs)
 
 
+HUB_PREFIX = "hf:"
+
+
+def hub_spec(spec: Any) -> dict | None:
+    """'hf:NAME[:CONFIG[:SPLIT[:TEXT_FIELD]]]' -> iter_documents_hub kwargs; None for local paths.
+
+    Example: corpus=hf:wikimedia/wikipedia:20231101.en:train:text (streams; needs network).
+    """
+    if not (isinstance(spec, str) and spec.startswith(HUB_PREFIX)):
+        return None
+    parts = spec[len(HUB_PREFIX):].split(":")
+    if not parts[0]:
+        raise VegaError(f"corpus: {spec!r}: expected hf:NAME[:CONFIG[:SPLIT[:TEXT_FIELD]]]")
+    parts += [""] * (4 - len(parts))
+    return {"name": parts[0], "config": parts[1] or None, "split": parts[2] or "train", "text_field": parts[3] or "text"}
+
+
+def open_corpus(spec: Any, stats: CorpusStats, *, max_docs: int | None = None, **local_kw) -> tuple[Iterator[str], list]:
+    """Documents of a local corpus (paths / globs / folders) or a Hub dataset (`hf:` spec), plus a
+    description of the sources for cache keys (file sizes and mtimes; the spec itself for the Hub)."""
+    hub = hub_spec(spec)
+    if hub is not None:
+        return iter_documents_hub(**hub, stats=stats, max_docs=max_docs), [{"hub": spec}]
+    files = resolve_paths(spec)
+    sources = []
+    for p in files:
+        st = p.stat()
+        sources.append({"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return iter_documents(files, stats, max_docs=max_docs, **local_kw), sources
+
+
 # ---------------------------------------------------------------------------------------------- packing
 
 
@@ -531,7 +562,9 @@ def build_segments(
         raise VegaError(f"num_proc: expected a positive integer, got {num_proc!r}")
     if chunk_chars < 1:
         raise VegaError(f"chunk_chars: expected a positive integer, got {chunk_chars!r}")
-    files = resolve_paths(paths)
+    stats = CorpusStats()
+    docs, sources = open_corpus(paths, stats, max_docs=max_docs, max_line_chars=max_line_chars,
+                                max_doc_chars=max_doc_chars)
     tok_json, tok_name = _tokenizer_identity(tokenizer)
     tok_hash = hashlib.sha256(tok_json.encode("utf-8")).hexdigest()
     from tokenizers import Tokenizer
@@ -543,10 +576,6 @@ def build_segments(
         raise VegaError(f"tokenizer {tok_name or ''}: need [PAD]=0, [CLS] and [SEP] (got {pad_id}, {cls_id}, {sep_id})")
     dtype = "uint16" if vocab_size <= 1 << 16 else "int32"
 
-    sources = []
-    for p in files:
-        st = p.stat()
-        sources.append({"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     key = {
         "format": FORMAT_VERSION, "seq_len": seq_len, "tokenizer_sha256": tok_hash, "vocab_size": vocab_size,
         "files": sources, "max_docs": max_docs, "max_line_chars": max_line_chars, "max_doc_chars": max_doc_chars,
@@ -565,9 +594,6 @@ def build_segments(
     tmp.mkdir(parents=True)
     start = time.perf_counter()
     try:
-        stats = CorpusStats()
-        docs = iter_documents(files, stats, max_docs=max_docs, max_line_chars=max_line_chars,
-                              max_doc_chars=max_doc_chars)
         ids_out = _NpyAppender(tmp / IDS_FILE, np.dtype(dtype), (seq_len,))
         len_out = _NpyAppender(tmp / LENGTHS_FILE, np.dtype(np.int32), ())
         n_tokens = no_tokens = literal = n_chunks = max_chunk_rows = 0
@@ -586,7 +612,7 @@ def build_segments(
         ids_out.close()
         len_out.close()
         if stats.docs == 0:
-            raise VegaError(f"segments: no documents in {', '.join(str(p) for p in files)}")
+            raise VegaError(f"segments: no documents in {', '.join(str(x.get('path', x.get('hub'))) for x in sources)}")
         n = ids_out.rows
         meta = {
             "key": key,
@@ -599,7 +625,7 @@ def build_segments(
             "docs_without_tokens": no_tokens,
             "special_tokens_in_text": literal,  # literal "[MASK]" etc. in documents, stored as [UNK]
             "tokenizer": {"path": tok_name, "sha256": tok_hash, "cls_id": cls_id, "sep_id": sep_id, "pad_id": 0},
-            "files": [{"path": s["path"], "size": s["size"]} for s in sources],
+            "files": [{k: v for k, v in s.items() if k != "mtime_ns"} for s in sources],
             "stats": stats.as_dict(),
             "packing": PACKING,
             "seed": seed,

@@ -38,7 +38,7 @@ from typing import Any
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
 
-from vegalm.data.corpus import CorpusStats, iter_documents, resolve_paths
+from vegalm.data.corpus import CorpusStats, open_corpus
 from vegalm.errors import VegaError
 
 SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]")
@@ -103,10 +103,10 @@ def train_tokenizer(
     """
     if not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS) + 1:
         raise VegaError(f"vocab_size: expected an integer above {len(SPECIAL_TOKENS) + 1}, got {vocab_size!r}")
-    paths = resolve_paths(files)
     out_dir = Path(out_dir)
     stats = CorpusStats()
-    docs: Iterable[str] = iter_documents(paths, stats, max_docs=max_docs, max_chars=max_chars)
+    docs: Iterable[str]
+    docs, sources = open_corpus(files, stats, max_docs=max_docs, max_chars=max_chars)
     docs = tqdm(docs, total=max_docs, unit="doc", desc="tokenizer: reading", disable=not progress)
 
     tok = new_unigram_tokenizer()
@@ -124,7 +124,7 @@ def train_tokenizer(
     tok.train_from_iterator(docs, trainer=trainer)
     seconds = time.perf_counter() - start
     if stats.docs == 0:
-        raise VegaError(f"no documents found in {', '.join(map(str, paths))}")
+        raise VegaError(f"no documents found in {', '.join(str(x.get('path', x.get('hub'))) for x in sources)}")
     tok.post_processor = _post_processor()
     _check_special_ids(tok, "trained tokenizer")
     save_tokenizer(tok, out_dir, model_max_length=model_max_length)
@@ -132,7 +132,7 @@ def train_tokenizer(
         "vocab_size_requested": vocab_size,
         "vocab_size": tok.get_vocab_size(),
         "train_seconds": round(seconds, 2),
-        "files": [str(p) for p in paths],
+        "files": [x.get("path", x.get("hub")) for x in sources],
         "corpus_stats": stats.as_dict(),
         "max_docs": max_docs,
         "max_chars": max_chars,
