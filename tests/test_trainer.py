@@ -271,3 +271,26 @@ def test_bf16_autocast_trains(tmp_path):
     assert seen and all(dt == torch.bfloat16 for dt in seen)  # matmuls run under bf16 autocast
     assert summary["skipped_steps"] == 0 and math.isfinite(summary["loss"])
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # fp32 master weights
+
+
+def test_trainers_with_different_precision_in_one_process(tmp_path):
+    """`vegalm run` pretrains in bf16 and fine-tunes in fp32 in one process: Accelerate's process-wide
+    state must not refuse the second Trainer."""
+    import torch
+    from torch import nn
+
+    from vegalm.train.trainer import TrainConfig, Trainer
+
+    data = [{"x": torch.randn(4), "y": torch.randn(1)} for _ in range(8)]
+
+    def collate(items):
+        return {k: torch.stack([i[k] for i in items]) for k in items[0]}
+
+    def objective(model, batch):
+        return ((model(batch["x"]) - batch["y"]) ** 2).mean(), {}
+
+    for i, mp in enumerate(["bf16", "no", "bf16"]):
+        cfg = TrainConfig(max_steps=2, batch_size=4, mixed_precision=mp, progress=False, log_every=1)
+        t = Trainer(nn.Linear(4, 1), objective, data, collate, cfg, tmp_path / str(i))
+        assert t.accelerator.mixed_precision == mp
+        t.train()

@@ -153,6 +153,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
         if accelerator is None:
+            _allow_new_precision(cfg.mixed_precision)
             # step_scheduler_with_optimizer=False: we never hand the scheduler to accelerate anyway
             # (its wrapper steps it once per process), but say so for anyone reusing this accelerator.
             accelerator = Accelerator(
@@ -466,6 +467,17 @@ class Trainer:
 
             self._writer = SummaryWriter(str(self.out_dir / "tb"))
         return self._writer
+
+
+def _allow_new_precision(mixed_precision: str) -> None:
+    """Accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
+    mixed_precision (pretraining in bf16, then fine-tuning in fp32, in one `vegalm run`). Reset only
+    that state; the PartialState (the process group under torchrun) is kept."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") not in (None, mixed_precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _test_nan_steps() -> frozenset[int]:
