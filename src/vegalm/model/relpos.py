@@ -16,6 +16,8 @@ negated, and bucket is odd (bucket(-d) = -bucket(d)), so it is idx[i, j] again.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 
@@ -47,20 +49,22 @@ class RelIndexCache:
     Returns (idx - lo, lo, hi): rows lo..hi inclusive are the ones to project.
     """
 
+    # Dynamic padding produces many lengths; an [L, L] int64 index is 2 MB at L=512, so keep a few.
+    MAX_ENTRIES = 16
+
     def __init__(self, att_span: int, buckets: int, max_rel: int):
         self.att_span, self.buckets, self.max_rel = att_span, buckets, max_rel
-        self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, int, int]] = {}
+        self._cache: OrderedDict[tuple[int, torch.device], tuple[torch.Tensor, int, int]] = OrderedDict()
 
     def get(self, length: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
         key = (length, device)
-        if key not in self._cache:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+        else:
             idx = rel_index(length, self.att_span, self.buckets, self.max_rel, device=device)
             lo, hi = int(idx.min()), int(idx.max())
             self._cache[key] = (idx - lo, lo, hi)
+            if len(self._cache) > self.MAX_ENTRIES:
+                self._cache.popitem(last=False)
         return self._cache[key]
-
-
-def used_rows(length: int, att_span: int) -> int:
-    """Upper bound of relative rows touched for a length (for docs and FLOP counts)."""
-    return min(2 * att_span, 2 * length - 1)
 
