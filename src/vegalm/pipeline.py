@@ -109,6 +109,44 @@ def _plot_curves(out: Path, runs: dict[str, Path]) -> list[str]:
     return files
 
 
+def _summary_figure(out: Path, runs: dict[str, Path], glue: dict) -> str | None:
+    """One PNG with the three loss curves and the GLUE dev bars of both models (the report at a glance)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        for name, root in runs.items():
+            offset = 0
+            for phase in ("phase1", "phase2"):
+                rows = [r for r in _read_metrics(root / phase / "metrics.jsonl") if r.get(key) is not None]
+                if rows:
+                    ax.plot([offset + r["step"] for r in rows], [r[key] for r in rows], label=f"{name} {phase}")
+                done = root / phase / "done.json"
+                if done.is_file():
+                    offset += json.loads(done.read_text()).get("step", 0)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    ax = axes.flat[3]
+    tasks = sorted({t for g in glue.values() for t in g.get("per_task", {})})
+    width = 0.8 / max(len(glue), 1)
+    for i, (name, g) in enumerate(glue.items()):
+        vals = [g.get("per_task", {}).get(t, {}).get("median") or 0.0 for t in tasks]
+        ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=name)
+    ax.set_xticks(np.arange(len(tasks)) + width * (len(glue) - 1) / 2, tasks, fontsize=8)
+    ax.set_title("GLUE dev (task score, median over seeds)", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=100)
+    plt.close(fig)
+    return "report.png"
+
+
 def _last(root: Path, phase: str, key: str):
     rows = [r for r in _read_metrics(root / phase / "metrics.jsonl") if r.get(key) is not None]
     return rows[-1][key] if rows else None
@@ -126,7 +164,9 @@ def _fmt(x, spec=".1f") -> str:
 def write_report(out: Path, cfg: RecipeConfig, pre: dict, glue: dict, wall_s: float) -> dict[str, str]:
     roots = {name: out / name for name in pre}
     curves = _plot_curves(out, roots)
+    overview = _summary_figure(out, roots, glue)
     lines = [f"# vegalm run: {cfg.name}", "", f"Wall time: {wall_s / 60:.1f} min. Output folder: `{out}`.", ""]
+    lines += [f"![overview]({overview})", ""]
     lines += ["## Pretraining", "", "| model | phase | steps | final loss | disc. accuracy | gen. accuracy | tokens/s |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, root in roots.items():
