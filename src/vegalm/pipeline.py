@@ -165,7 +165,9 @@ def write_report(out: Path, cfg: RecipeConfig, pre: dict, glue: dict, wall_s: fl
     roots = {name: out / name for name in pre}
     curves = _plot_curves(out, roots)
     overview = _summary_figure(out, roots, glue)
-    lines = [f"# vegalm run: {cfg.name}", "", f"Wall time: {wall_s / 60:.1f} min. Output folder: `{out}`.", ""]
+    lines = [f"# vegalm run: {cfg.name}", "",
+             f"Wall time of this invocation: {wall_s / 60:.1f} min (stages already complete are skipped, so a "
+             f"resumed run shows only the remaining work). Output folder: `{out}`.", ""]  # fmt: skip
     lines += [f"![overview]({overview})", ""]
     lines += ["## Pretraining", "", "| model | phase | steps | final loss | disc. accuracy | gen. accuracy | tokens/s |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
