@@ -75,6 +75,22 @@ def _read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _draw_curve(ax, runs: dict[str, Path], key: str) -> bool:
+    """Plot metric `key` of every model's phases on one axis (phase 2 continues phase 1's steps)."""
+    drawn = False
+    for name, root in runs.items():
+        offset = 0
+        for phase in ("phase1", "phase2"):
+            rows = [r for r in _read_metrics(root / phase / "metrics.jsonl") if r.get(key) is not None]
+            if rows:
+                ax.plot([offset + r["step"] for r in rows], [r[key] for r in rows], label=f"{name} {phase}")
+                drawn = True
+            done = root / phase / "done.json"
+            if done.is_file():
+                offset += json.loads(done.read_text()).get("step", 0)
+    return drawn
+
+
 def _plot_curves(out: Path, runs: dict[str, Path]) -> list[str]:
     import matplotlib
 
@@ -84,18 +100,7 @@ def _plot_curves(out: Path, runs: dict[str, Path]) -> list[str]:
     files = []
     for key, title in CURVES:
         fig, ax = plt.subplots(figsize=(5.5, 3.2))
-        drawn = False
-        for name, root in runs.items():
-            offset = 0
-            for phase in ("phase1", "phase2"):
-                rows = [r for r in _read_metrics(root / phase / "metrics.jsonl") if r.get(key) is not None]
-                if rows:
-                    ax.plot([offset + r["step"] for r in rows], [r[key] for r in rows], label=f"{name} {phase}")
-                    drawn = True
-                done = root / phase / "done.json"
-                if done.is_file():
-                    offset += json.loads(done.read_text()).get("step", 0)
-        if not drawn:
+        if not _draw_curve(ax, runs, key):
             plt.close(fig)
             continue
         ax.set_title(title)
@@ -119,15 +124,7 @@ def _summary_figure(out: Path, runs: dict[str, Path], glue: dict) -> str | None:
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
     for ax, (key, title) in zip(axes.flat, CURVES):
-        for name, root in runs.items():
-            offset = 0
-            for phase in ("phase1", "phase2"):
-                rows = [r for r in _read_metrics(root / phase / "metrics.jsonl") if r.get(key) is not None]
-                if rows:
-                    ax.plot([offset + r["step"] for r in rows], [r[key] for r in rows], label=f"{name} {phase}")
-                done = root / phase / "done.json"
-                if done.is_file():
-                    offset += json.loads(done.read_text()).get("step", 0)
+        _draw_curve(ax, runs, key)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimizer step", fontsize=8)
         if ax.lines:
