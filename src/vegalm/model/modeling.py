@@ -55,6 +55,10 @@ class VegaPreTrained(nn.Module):
     def hf_config_extra(self) -> dict:
         return {}
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The word-embedding module (task models keep the encoder under `deberta`)."""
+        return self.deberta.embeddings.word_embeddings
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         skip = set()
         if exclude_embeddings:
@@ -128,9 +132,6 @@ class VegaForMaskedLM(VegaPreTrained):
     def hf_config_extra(self) -> dict:
         return {"legacy": False}
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.deberta.embeddings.word_embeddings
-
     def forward(self, input_ids=None, attention_mask=None, labels=None, full_logits: bool = False, **kw):
         out = self.deberta(input_ids, attention_mask, **kw)
         h = out.last_hidden_state
@@ -167,9 +168,6 @@ class VegaForRTD(VegaPreTrained):
         if init:
             self.init_weights()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.deberta.embeddings.word_embeddings
-
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kw) -> TokenClassifierOutput:
         out = self.deberta(input_ids, attention_mask, **kw)
         logits = self.mask_predictions(out.last_hidden_state)  # [B, L]
@@ -204,9 +202,6 @@ class VegaForSequenceClassification(VegaPreTrained):
             "label2id": {f"LABEL_{i}": i for i in range(self.num_labels)},
             "problem_type": "regression" if self.num_labels == 1 else "single_label_classification",
         }
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.deberta.embeddings.word_embeddings
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kw) -> SequenceClassifierOutput:
         out = self.deberta(input_ids, attention_mask, **kw)
