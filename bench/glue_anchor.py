@@ -2,6 +2,11 @@
 
     python bench/glue_anchor.py --task rte --model minilm-l6 --seed 42           # full RTE: ~10-20 min per side
     python bench/glue_anchor.py --task rte --max-train-samples 64 --threads 1   # quick check: ~1.5 min in all
+    python bench/glue_anchor.py --task rte,mrpc,stsb,cola --seed 42,43 --out results/anchor   # the sweep
+    python bench/glue_anchor.py --summary results/anchor                          # table from the JSON files
+
+With `--out DIR` each (task, seed) writes DIR/<task>-seed<S>.json and a rerun skips the files that
+exist, so the sweep (~45 min per seed on 2 cores) can stop and continue; commit the small JSON files.
 
 Recipe on both sides: the transformers `run_glue.py` defaults (`defaults=run_glue` in vegalm): lr 2e-5,
 batch 32, 3 epochs, max length 128, linear decay, no warm-up, weight decay 0, Adam eps 1e-8, grad-norm
@@ -102,37 +107,128 @@ def vegalm_side(args, work: Path) -> dict:
             "backend": res["model"]["backend"]}
 
 
+SIDES = {"hf_trainer": hf_side, "vegalm": vegalm_side}
+
+
+def run_one(args, task: str, seed: int, sides: list[str], result: dict | None = None) -> dict:
+    """The requested sides on one (task, seed), added to `result`; prints one line per side."""
+    args = argparse.Namespace(**{**vars(args), "task": task, "seed": seed})
+    work = Path(tempfile.mkdtemp(prefix="glue_anchor_"))  # fresh: vegalm's run cache must not skip training
+    result = dict(result or {"task": task, "model": args.model, "seed": seed, "max_train_samples":
+                             args.max_train_samples, "recipe": RUN_GLUE})
+    result.setdefault("threads", {})
+    try:
+        for name in sides:
+            r = SIDES[name](args, work)
+            r["threads"] = args.threads
+            r["concurrent_load"] = args.note  # e.g. "another job ran beside it": its time is not a clean measurement
+            result[name] = r
+            metrics = "; ".join(f"{s}: " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()) for s, m in r["dev"].items())
+            print(f"{task} seed {seed} {name:>10}: dev {metrics} | score {r['dev_score']:.2f} | {r['steps']} steps | "
+                  f"train {r['train_s']:.1f} s | wall {r['wall_s']:.1f} s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result.pop("threads", None)
+    if "vegalm" in result and "hf_trainer" in result:
+        result["score_delta"] = round(result["vegalm"]["dev_score"] - result["hf_trainer"]["dev_score"], 3)
+        clean = not result["vegalm"].get("concurrent_load") and not result["hf_trainer"].get("concurrent_load")
+        ratio = result["vegalm"]["train_s"] / max(result["hf_trainer"]["train_s"], 1e-9)
+        result["train_time_ratio"] = round(ratio, 3) if clean else None
+    return result
+
+
+def summary(folder: Path) -> dict:
+    """Markdown table from DIR/*.json: per task and side, mean ± std over seeds, seconds per epoch (median of
+    the runs measured without other jobs beside them) and the vegalm / Trainer training-time ratio."""
+    runs = [json.loads(f.read_text()) for f in sorted(folder.glob("*-seed*.json"))]
+    if not runs:
+        raise SystemExit(f"error: no <task>-seed<S>.json files in {folder}")
+    print("| task | Trainer dev (seeds) | vegalm dev (seeds) | Trainer s/epoch | vegalm s/epoch | time ratio |")
+    print("|---|---|---|---|---|---|")
+    out = {}
+
+    def fmt(x):
+        return "–" if x is None else f"{x:.1f}"
+
+    for task in dict.fromkeys(r["task"] for r in runs):
+        rs = [r for r in runs if r["task"] == task]
+        row: dict = {}
+        for side in ("hf_trainer", "vegalm"):
+            have = [r for r in rs if side in r]
+            sc = np.array([r[side]["dev_score"] for r in have])
+            ep = [r[side]["train_s"] / r["recipe"]["epochs"] for r in have if not r[side].get("concurrent_load")]
+            row[side] = {"seeds": [r["seed"] for r in have], "scores": [round(float(x), 2) for x in sc],
+                         "mean": round(float(sc.mean()), 2) if len(sc) else None,
+                         "std": round(float(sc.std(ddof=1)), 2) if len(sc) > 1 else None,
+                         "s_per_epoch": round(float(np.median(ep)), 1) if ep else None}
+        ratios = [r["train_time_ratio"] for r in rs if r.get("train_time_ratio") is not None]
+        row["time_ratio"] = round(float(np.median(ratios)), 3) if ratios else None
+        out[task] = row
+        cells = []
+        for side in ("hf_trainer", "vegalm"):
+            e = row[side]
+            std = f" ± {e['std']:.2f}" if e["std"] is not None else ""
+            cells.append(f"{e['mean']:.2f}{std} ({', '.join(f'{x:.1f}' for x in e['scores'])}; seeds "
+                         f"{','.join(map(str, e['seeds']))})" if e["scores"] else "–")
+        ratio = "–" if row["time_ratio"] is None else f"{row['time_ratio']:.2f}"
+        print(f"| {task} | {cells[0]} | {cells[1]} | {fmt(row['hf_trainer']['s_per_epoch'])} | "
+              f"{fmt(row['vegalm']['s_per_epoch'])} | {ratio} |")
+    avg = {}
+    for side in ("hf_trainer", "vegalm"):
+        means = [out[t][side]["mean"] for t in out]
+        avg[side] = round(float(np.mean(means)), 2) if None not in means else None
+    print(f"| average | {fmt(avg['hf_trainer'])} | {fmt(avg['vegalm'])} | | | |")
+    return {"tasks": out, "avg": avg}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="rte")
+    p.add_argument("--task", default="rte", help="a task or a comma list (rte,mrpc,stsb,cola)")
     p.add_argument("--model", default="minilm-l6", help="model folder or minilm-l6")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", default="42", help="a seed or a comma list (42,43)")
+    p.add_argument("--out", default=None, help="write DIR/<task>-seed<S>.json per run; sides already there are skipped")
+    p.add_argument("--sides", default="hf_trainer,vegalm", help="which sides to run (hf_trainer, vegalm)")
+    p.add_argument("--note", default=None,
+                   help="say that other jobs ran beside this one: recorded, and its times leave the speed ratio")
+    p.add_argument("--summary", default=None, metavar="DIR", help="print the table from DIR/*.json and exit")
     p.add_argument("--max-train-samples", type=int, default=None, help="train on a subset (quick check)")
     p.add_argument("--glue-dir", default=None)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the machine's cores are shared)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
+    if args.summary:
+        print(json.dumps(summary(Path(args.summary))))
+        return 0
     torch.set_num_threads(args.threads)
     from vegalm.errors import VegaError
 
-    work = Path(tempfile.mkdtemp(prefix="glue_anchor_"))  # fresh: vegalm's run cache must not skip training
+    sides = [x.strip() for x in args.sides.split(",") if x.strip()]
+    if not sides or set(sides) - set(SIDES):
+        p.error(f"--sides: expected a comma list of {', '.join(SIDES)}, got {args.sides!r}")
+    tasks = [t.strip() for t in args.task.split(",") if t.strip()]
+    seeds = [int(x) for x in str(args.seed).split(",") if x.strip()]
+    results = []
     try:
-        result = {"task": args.task, "model": args.model, "seed": args.seed,
-                  "max_train_samples": args.max_train_samples, "recipe": RUN_GLUE}
-        for name, fn in (("hf_trainer", hf_side), ("vegalm", vegalm_side)):
-            r = fn(args, work)
-            result[name] = r
-            metrics = "; ".join(f"{s}: " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()) for s, m in r["dev"].items())
-            print(f"{name:>10}: dev {metrics} | score {r['dev_score']:.2f} | {r['steps']} steps | "
-                  f"train {r['train_s']:.1f} s | wall {r['wall_s']:.1f} s", flush=True)
-        result["score_delta"] = round(result["vegalm"]["dev_score"] - result["hf_trainer"]["dev_score"], 3)
-        result["train_time_ratio"] = round(result["vegalm"]["train_s"] / max(result["hf_trainer"]["train_s"], 1e-9), 3)
+        for seed in seeds:  # seed-major: a stopped sweep already has every task at the first seeds
+            for task in tasks:
+                dest = Path(args.out) / f"{task}-seed{seed}.json" if args.out else None
+                old = json.loads(dest.read_text()) if dest is not None and dest.exists() else None
+                todo = [s for s in sides if old is None or s not in old]
+                if not todo:
+                    print(f"{task} seed {seed}: cached in {dest}", flush=True)
+                    results.append(old)
+                    continue
+                r = run_one(args, task, seed, todo, old)
+                if dest is not None:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = dest.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(r, indent=1) + "\n")
+                    tmp.replace(dest)  # atomic: a killed sweep never leaves half a file
+                results.append(r)
     except VegaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(result))
+    print(json.dumps(results[0] if len(results) == 1 else results))
     return 0
 
 

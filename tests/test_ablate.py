@@ -110,6 +110,8 @@ def test_combo_names_and_model_tags():
                    "adv+ema": (("adv", "ema"), False), "ema": (("ema",), False)}
     assert [c.name for c in ablate.parse_combos("selfcal,transductive")] == ["selfcal", "transductive"]
     assert ablate.parse_combos("transductive")[0].tricks == ()
+    tapt = {c.name: (c.tricks, c.transductive, c.tapt) for c in ablate.parse_combos("tapt,all+tapt,vanilla")}
+    assert tapt == {"tapt": ((), False, True), "all+tapt": (("adv", "selfcal"), True, True), "vanilla": ((), False, False)}
     with pytest.raises(ConfigError) as e:
         ablate.parse_combos("vanilla,advv")
     msg = str(e.value)
@@ -308,6 +310,7 @@ def test_cli_errors_are_one_line(tiny_dir, tmp_path, capsys):
         ([*base, "lrr=1"], "unknown key lrr"),
         ([*base, "--tricks", "adv", "trick_args.adv.params.vat_lamda=1"], "vat_lamda"),
         ([*base, "--pseudo-fraction", "0"], "pseudo-fraction"),
+        ([*base, "--tricks", "vanilla,tapt"], "needs the RTD generator"),
         (["ablate", "--tasks", "wnli"], "--model: required"),
         (["ablate", "--summary", str(tmp_path / "empty")], "no ablation records"),
         (["ablate", "--summary", str(tmp_path / "empty"), "--model", "x"], "--summary reads the JSON records only"),

@@ -23,8 +23,12 @@ Combos (`--tricks`, comma-separated; parts of one combo may be joined with `+`, 
                 STS-B (regression) has no confidence to select by, so it gets NO pseudo-labels: its
                 transductive result is the teacher's (for `transductive`: exactly vanilla's), said so
                 in the record. MNLI's AX rows (a diagnostic set) are never pseudo-labelled.
-                Variant (a), task-adaptive RTD pretraining on the task's text, only applies to our own
-                encoder (it needs the RTD generator) and is NOT part of this runner.
+  tapt          variant (a): task-adaptive continued RTD on the task's train+dev+test text
+                (pretrain/tapt.py, its TaptConfig defaults, seeded with the run seed, cached in
+                out/tapt/<task>/seed<k>/), then the combo's fine-tuning starts from that discriminator.
+                Only for our own pretrained encoders (it needs the RTD generator); MiniLM-L6 has none,
+                so the MiniLM sweep leaves it out. Combine freely: all+tapt, tapt+adv. Its wall time
+                counts in the combo's cost.
   all           adv + selfcal + transductive. EMA is left out: it is not one of the Vega v1 tricks, and
                 its default 0.999 decay averages over ~1000 updates, about the whole length of an RTE
                 or MRPC run (770 / 1140 steps with the vega defaults), so it would fold under-trained
@@ -70,7 +74,7 @@ from vegalm.errors import VegaError
 log = logging.getLogger(__name__)
 
 DEFAULT_COMBOS = "vanilla,adv,selfcal,transductive,all"
-VANILLA, TRANSDUCTIVE, ALL = "vanilla", "transductive", "all"
+VANILLA, TRANSDUCTIVE, ALL, TAPT = "vanilla", "transductive", "all", "tapt"
 ALL_TRICKS = ("adv", "selfcal")  # + transductive; see the module docstring for why not ema
 COMBO_ORDER = (VANILLA, "adv", "selfcal", TRANSDUCTIVE, ALL)  # report order; others follow, sorted
 SET_BY_ABLATION = ("task", "model", "out", "seed", "tricks", "extra_train")
@@ -93,6 +97,7 @@ class Combo:
     name: str
     tricks: tuple[str, ...]
     transductive: bool
+    tapt: bool = False  # task-adaptive RTD first (transductive (a)); our own encoders only
 
 
 def _trick_registry() -> list[str]:
@@ -102,7 +107,7 @@ def _trick_registry() -> list[str]:
 
 
 def valid_combo_names() -> list[str]:
-    return [VANILLA, TRANSDUCTIVE, ALL] + [t for t in _trick_registry() if t not in (VANILLA, TRANSDUCTIVE, ALL)]
+    return [VANILLA, TRANSDUCTIVE, ALL, TAPT] + [t for t in _trick_registry() if t not in (VANILLA, TRANSDUCTIVE, ALL)]
 
 
 def parse_combos(text: str | list[str]) -> list[Combo]:
@@ -114,13 +119,15 @@ def parse_combos(text: str | list[str]) -> list[Combo]:
         if not raw or raw in (c.name for c in out):
             continue
         tricks: list[str] = []
-        transductive = False
+        transductive = tapt = False
         parts = raw.split("+")
         for part in parts:
             if part == VANILLA and len(parts) == 1:
                 continue
             if part == TRANSDUCTIVE:
                 transductive = True
+            elif part == TAPT:
+                tapt = True
             elif part == ALL:
                 transductive = True
                 tricks += [t for t in ALL_TRICKS if t not in tricks]
@@ -130,7 +137,7 @@ def parse_combos(text: str | list[str]) -> list[Combo]:
             else:
                 raise ConfigError(f"tricks: unknown combo {raw!r} (valid: {', '.join(valid_combo_names())}; "
                                   "join parts with '+', e.g. adv+ema)")
-        out.append(Combo(raw, tuple(tricks), transductive))
+        out.append(Combo(raw, tuple(tricks), transductive, tapt))
     if not out:
         raise ConfigError(f"tricks: no combo given (e.g. --tricks {DEFAULT_COMBOS})")
     return out
@@ -254,19 +261,30 @@ def _run_config(base: dict, trick_args: dict, combo: Combo, task: str, seed: int
 
 
 def run_one(combo: Combo, task: str, seed: int, *, base: dict, trick_args: dict, out: Path, glue_dir: str,
-            fraction: float) -> tuple[dict, int]:
+            fraction: float, tapt: dict | None = None) -> tuple[dict, int]:
     """Run (or read back) one (combo, task, seed); returns (its record, number of runs actually trained)."""
     from vegalm.finetune.runner import run_finetune
 
     run_dir = out / combo.name / task / f"seed{seed}"
     parts: dict[str, dict] = {}
     pseudo_info = None
+    if combo.tapt:
+        from vegalm.pretrain.tapt import run_tapt
+
+        from vegalm.config import _merge
+
+        fixed = {"task": task, "model": base["model"], "out": str(out / TAPT / task / f"seed{seed}"),
+                 "glue_dir": glue_dir, "train": {"seed": seed, "progress": bool(base.get("progress", True))}}
+        t = run_tapt(_merge(tapt or {}, fixed))
+        parts["tapt"] = {"timing": {"wall_s": t["wall_s"]}, "cached": t["cached"], "train": {"steps": t["train"]["step"]}}
+        base = {**base, "model": t["model_path"]}
     if not combo.transductive:
         final, final_dir = run_finetune(_run_config(base, trick_args, combo, task, seed, run_dir)), run_dir
         parts["run"] = final
     else:
         # the teacher: this combo without transductive; for `transductive` alone that is the vanilla run
-        teacher_dir = out / VANILLA / task / f"seed{seed}" if not combo.tricks else run_dir / "teacher"
+        shared = not combo.tricks and not combo.tapt
+        teacher_dir = out / VANILLA / task / f"seed{seed}" if shared else run_dir / "teacher"
         teacher = run_finetune(_run_config(base, trick_args, combo, task, seed, teacher_dir))
         parts["teacher"] = teacher
         chosen, pseudo_info = pseudo_labels_from_run(teacher_dir, teacher, task, glue_dir, fraction)
@@ -289,6 +307,7 @@ def run_one(combo: Combo, task: str, seed: int, *, base: dict, trick_args: dict,
         "seed": seed,
         "tricks": list(combo.tricks),
         "transductive": combo.transductive,
+        "tapt": combo.tapt,
         "dev": final["dev"],
         "split_scores": _split_scores(final),
         "dev_score": round(float(final["dev_score"]), 4),
@@ -332,6 +351,7 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
     if not 0.0 < pseudo_fraction <= 1.0:
         raise ConfigError(f"pseudo-fraction: expected 0 < f <= 1, got {pseudo_fraction}")
     trick_args = dict(overrides.pop("trick_args", None) or {})
+    tapt = dict(overrides.pop("tapt", None) or {})  # TaptConfig keys for the tapt combos: tapt.train.epochs=3
     used = {t for c in combo_list for t in c.tricks}
     stray = sorted(set(trick_args) - used)
     if stray:
@@ -346,6 +366,18 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
         if not split_path(task, "train", glue_dir).is_file():
             raise VegaError(f"{task}: no training file {split_path(task, 'train', glue_dir)}; drop it from --tasks")
     model_dir = resolve_model_dir(model)
+    if any(c.tapt for c in combo_list):
+        from vegalm.pretrain.tapt import resolve_pair
+
+        from vegalm.pretrain.tapt import TaptConfig
+
+        resolve_pair(model)  # no RTD generator (e.g. MiniLM-L6): fail before any training
+        taken = sorted(set(tapt) & {"task", "model", "out", "glue_dir"})
+        if taken:
+            raise ConfigError(f"tapt.{taken[0]}: set by the ablation")
+        from_dict(TaptConfig, {**tapt, "task": task_list[0], "model": model, "out": str(out)}).check()
+    elif tapt:
+        raise ConfigError("tapt.*: settings given but no combo uses tapt")
     tag = tag or model_tag(model)
     rec_dir = Path(results_dir) / tag
     out = Path(out)
@@ -353,6 +385,8 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
     settings = {k: v for k, v in overrides.items() if k not in UNHASHED}
     if trick_args:
         settings["trick_args"] = trick_args
+    if tapt:
+        settings["tapt"] = tapt
     is_anchor_model = model == ANCHOR_MODEL or _same_dir(model_dir, minilm_path)
     common = {"model": model, "model_tag": tag, "overrides": settings, "pseudo_fraction": pseudo_fraction,
               "anchor_model": ANCHOR_MODEL if is_anchor_model else None}
@@ -367,7 +401,7 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
                 for combo in combo_list:
                     bar.set_postfix_str(f"{combo.name} {task} seed {seed}")
                     rec, n = run_one(combo, task, seed, base=base, trick_args=trick_args, out=out,
-                                     glue_dir=glue_dir, fraction=pseudo_fraction)
+                                     glue_dir=glue_dir, fraction=pseudo_fraction, tapt=tapt)
                     rec = {**rec, **common}
                     trained += n
                     _write_if_changed(rec_dir / _record_name(combo.name, rec["task"], seed),

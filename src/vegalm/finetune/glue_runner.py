@@ -42,7 +42,7 @@ from vegalm.config import ConfigError, from_dict
 from vegalm.data.glue import TASKS, get_task, load_split, resolve_glue_dir, split_path
 from vegalm.errors import VegaError
 from vegalm.finetune.metrics import TASK_METRICS, compute_metrics, glue_summary, task_score
-from vegalm.finetune.runner import FinetuneConfig, run_finetune
+from vegalm.finetune.runner import FinetuneConfig, class_predictions, run_finetune
 from vegalm.finetune.submission import write_submission
 
 log = logging.getLogger(__name__)
@@ -127,9 +127,9 @@ def _ensemble(task: str, runs: dict[int, dict], glue_dir: str) -> dict[str, Any]
     dev = np.mean(arrays, axis=0)
     metrics, scores = {}, {}
     for split, (a, b) in first["dev_rows"].items():
-        logits = dev[a:b]
-        preds = logits[:, 0] if spec.is_regression else logits.argmax(-1)
-        labels = [ex.label for ex in load_split(task, split, glue_dir)]
+        examples = load_split(task, split, glue_dir)
+        preds = class_predictions(spec, split, dev[a:b], first.get("config", {}), glue_dir, examples)
+        labels = [ex.label for ex in examples]
         key = first["dev_metric_keys"][split]
         metrics[split] = compute_metrics(key, preds, labels)
         scores[key] = task_score(key, metrics[split])
@@ -140,15 +140,16 @@ def _ensemble(task: str, runs: dict[int, dict], glue_dir: str) -> dict[str, Any]
             "test_logits": test}
 
 
-def _submission_preds(task: str, run_out: Path, test_rows: dict, logits: np.ndarray) -> dict[str, tuple]:
-    """{stem: (indices, predictions)} for write_submission from a run's test rows and (maybe averaged) logits."""
+def _submission_preds(task: str, run_out: Path, test_rows: dict, logits: np.ndarray, config: dict,
+                      glue_dir: str) -> dict[str, tuple]:
+    """{stem: (indices, predictions)} for write_submission from a run's test rows and (maybe averaged) logits;
+    WNLI predictions follow the run's `wnli_treatment`."""
     index = _read_split_index(run_out / "test_predictions.tsv")
     out = {}
     for split, (a, b) in test_rows.items():
         spec = TASKS["ax"] if split == "ax" else TASKS[task]
         fname = spec.submission_files["test" if split == "ax" else split]
-        rows = logits[a:b]
-        preds = rows[:, 0].tolist() if spec.is_regression else rows.argmax(-1).tolist()
+        preds = class_predictions(spec, split, logits[a:b], config, glue_dir).tolist()
         out[Path(fname).stem] = ([i for _, i in index[a:b]], preds)
     return out
 
@@ -231,7 +232,8 @@ def run_glue(
         if ref.get("test_rows"):
             if logits is None:
                 logits = np.load(Path(ref["out"]) / "test_logits.npy")
-            sub_preds.update(_submission_preds(task, Path(ref["out"]), ref["test_rows"], logits))
+            sub_preds.update(_submission_preds(task, Path(ref["out"]), ref["test_rows"], logits, ref.get("config", {}),
+                                               glue_dir))
             entry["test_from"] = source if source == "ensemble" else f"seed {best}"
         per_task[task] = entry
 

@@ -71,6 +71,7 @@ from vegalm.config import ConfigError, from_dict, to_dict
 from vegalm.data.glue import TaskSpec, get_task, load_split, resolve_glue_dir, split_path
 from vegalm.errors import VegaError
 from vegalm.finetune.metrics import compute_metrics, task_score
+from vegalm.finetune.wnli import TREATMENTS as WNLI_TREATMENTS
 from vegalm.finetune.tasks import DEFAULT_SETS, SET_OPTIM, Collator, GlueDataset, enable_length_grouping, task_defaults
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,8 @@ class FinetuneConfig:
     # JSONL of extra labelled training rows (guid, index, text_a, text_b, label id / STS-B score), appended
     # after the (subset) train set; ablate.py writes its test pseudo-labels here. Hashed by content.
     extra_train: str | None = None
+    # WNLI only: none | groups | groups+train, Winograd candidate competition (vegalm/finetune/wnli.py)
+    wnli_treatment: str = "none"
     progress: bool = True
 
     def check(self) -> None:
@@ -134,6 +137,7 @@ class FinetuneConfig:
             ("backend", self.backend in BACKENDS, f"one of {', '.join(BACKENDS)}"),
             ("defaults", self.defaults in DEFAULT_SETS, f"one of {', '.join(DEFAULT_SETS)}"),
             ("mixed_precision", self.mixed_precision in ("no", "bf16"), "one of no, bf16"),
+            ("wnli_treatment", self.wnli_treatment in WNLI_TREATMENTS, f"one of {', '.join(WNLI_TREATMENTS)}"),
             ("warmup_ratio", self.warmup_ratio is None or 0.0 <= self.warmup_ratio < 1.0, "in [0, 1)"),
             ("weight_decay", self.weight_decay is None or self.weight_decay >= 0, ">= 0"),
             ("layerwise_lr_decay", 0.0 < self.layerwise_lr_decay <= 1.0, "in (0, 1]"),
@@ -166,7 +170,8 @@ def minilm_path() -> Path:
 
 
 def resolve_model_dir(name: str | Path, key: str = "model") -> Path:
-    """An existing model folder for `name` (a path, an alias, or a Hub id fetched when online)."""
+    """An existing model folder for `name`: a path (a model folder, or a `vegalm pretrain` / `vegalm tapt`
+    output whose summary.json names the exported encoder), an alias, or a Hub id fetched when online."""
     text = str(name)
     if text in MODEL_ALIASES:
         return minilm_path()
@@ -185,6 +190,12 @@ def resolve_model_dir(name: str | Path, key: str = "model") -> Path:
             f"{key}={text}: no such model directory (expected a folder with config.json and model.safetensors, "
             f"or the alias {', '.join(MODEL_ALIASES)})"
         )
+    if not (path / "config.json").is_file() and (path / "summary.json").is_file():
+        try:  # a `vegalm pretrain` / `vegalm tapt` output folder: the encoder it exported
+            exported = Path(json.loads((path / "summary.json").read_text(encoding="utf-8"))["model_path"])
+            path = exported if exported.is_dir() else path / exported.name  # relative to where it ran
+        except (ValueError, KeyError, TypeError):
+            pass
     if not (path / "config.json").is_file():
         raise VegaError(f"{key}={text}: {path / 'config.json'} is missing; is this a model folder?")
     return path.resolve()
@@ -256,6 +267,10 @@ def resolve(cfg: FinetuneConfig) -> dict[str, Any]:
         trick_args={name: to_dict(args) for name, (_, args) in _trick_classes(cfg).items()},
     )
     out.update(_extra_train_key(cfg.extra_train))
+    if spec.name != "wnli" or cfg.wnli_treatment == "none":
+        # only a WNLI run is changed by it: a sweep may set it for every task without touching the other
+        # tasks' cache keys, and keys of runs made before the field existed stay valid
+        out.pop("wnli_treatment")
     return out
 
 
@@ -502,7 +517,46 @@ def _pred_values(spec: TaskSpec, logits: np.ndarray) -> list[str]:
     return [spec.labels[i] for i in logits.argmax(-1)]
 
 
-def _write_tsv(path: Path, rows: list[tuple[str, GlueDataset, np.ndarray]], spec: TaskSpec, with_label: bool) -> None:
+def class_predictions(spec: TaskSpec, split: str, logits: np.ndarray, config: dict, glue_dir: str,
+                      examples: list | None = None) -> np.ndarray:
+    """Predicted label ids (classification) or scores (regression) of one split, as the run's config says:
+    argmax, except WNLI under `wnli_treatment` (groups / groups+train, finetune/wnli.py)."""
+    if spec.is_regression:
+        return logits[:, 0]
+    treatment = config.get("wnli_treatment", "none")
+    if spec.name != "wnli" or treatment == "none" or split == "train":
+        return logits.argmax(-1)
+    from vegalm.finetune.wnli import apply_treatment
+
+    examples = examples if examples is not None else load_split(spec.name, split, glue_dir)
+    return apply_treatment(treatment, logits, examples, load_split(spec.name, "train", glue_dir))[0]
+
+
+def _wnli_report(resolved: dict, dev_ex: dict, dev_logits: dict, test_ex: dict, test_logits: dict) -> dict:
+    """What the WNLI treatment did: dev accuracy with plain argmax and the majority floor beside the
+    treated one, and how many rows each rule decided (finetune/wnli.py explains why dev != test here)."""
+    from vegalm.finetune.wnli import apply_treatment
+
+    train = load_split("wnli", "train", resolved["glue_dir"])
+    majority = int(np.bincount([ex.label for ex in train], minlength=2).argmax())
+    treatment = resolved.get("wnli_treatment", "none")
+    rep: dict[str, Any] = {"treatment": treatment}
+    for name, examples, logits in (("dev", dev_ex, dev_logits), ("test", test_ex, test_logits)):
+        for split, ex in examples.items():
+            preds, counts = apply_treatment(treatment, logits[split], ex, train)
+            entry = {"decided": counts, "entailed_share": round(float(np.mean(preds == 1)), 4) if len(preds) else None}
+            if name == "dev":
+                gold = np.array([e.label for e in ex])
+                every = {t: round(100 * float(np.mean(apply_treatment(t, logits[split], ex, train)[0] == gold)), 2)
+                         for t in WNLI_TREATMENTS}  # free: the logits are the same, only the decision rule differs
+                entry.update(accuracy=round(100 * float(np.mean(preds == gold)), 2), accuracy_argmax=every["none"],
+                             accuracy_by_treatment=every, majority_floor=round(100 * float(np.mean(gold == majority)), 2))
+            rep[split] = entry
+    return rep
+
+
+def _write_tsv(path: Path, rows: list[tuple[str, GlueDataset, np.ndarray]], spec: TaskSpec, with_label: bool,
+               preds: dict[str, np.ndarray] | None = None) -> None:
     n = rows[0][2].shape[1] if rows else 1
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8", newline="") as f:
@@ -510,8 +564,8 @@ def _write_tsv(path: Path, rows: list[tuple[str, GlueDataset, np.ndarray]], spec
         label_col = ["label"] if with_label else []
         w.writerow(["split", "index", *label_col, "prediction", *(f"logit_{i}" for i in range(n))])
         for split, ds, logits in rows:
-            preds = _pred_values(spec, logits)
-            for feat, pred, row in zip(ds.features, preds, logits):
+            values = _pred_values(spec, logits) if preds is None else [spec.labels[i] for i in preds[split]]
+            for feat, pred, row in zip(ds.features, values, logits):
                 label = []
                 if with_label:
                     y = feat["labels"]
@@ -669,11 +723,12 @@ def run_finetune(cfg: FinetuneConfig | dict) -> dict[str, Any]:
 
     dev_logits = {s: run(ds, f"{spec.name} {s}") for s, ds in dev_ds.items()}
     test_logits = {s: run(ds, f"{spec.name} {s}") for s, ds in test_ds.items()}
-    dev_metrics = {}
+    dev_metrics, dev_preds = {}, {}
     for s, ds in dev_ds.items():
-        logits = dev_logits[s]
-        preds = logits[:, 0] if spec.is_regression else logits.argmax(-1)
-        dev_metrics[s] = compute_metrics(_metric_key(spec, s), preds, [f["labels"] for f in ds.features])
+        dev_preds[s] = class_predictions(spec, s, dev_logits[s], resolved, glue_dir, dev_ex[s])
+        dev_metrics[s] = compute_metrics(_metric_key(spec, s), dev_preds[s], [f["labels"] for f in ds.features])
+    test_preds = {s: class_predictions(spec, s, test_logits[s], resolved, glue_dir, test_ex[s])
+                  for s in test_ds} if not spec.is_regression else None
     dev_score = float(np.mean([task_score(_metric_key(spec, s), m) for s, m in dev_metrics.items()]))
     t_eval = time.perf_counter() - t1
 
@@ -703,13 +758,17 @@ def run_finetune(cfg: FinetuneConfig | dict) -> dict[str, Any]:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": resolved,
     }
+    if spec.name == "wnli":
+        results["wnli"] = _wnli_report(resolved, dev_ex, dev_logits, test_ex, test_logits)
     if trainer.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_tsv(out / "dev_predictions.tsv", [(s, dev_ds[s], dev_logits[s]) for s in dev_ds], spec, True)
+        _write_tsv(out / "dev_predictions.tsv", [(s, dev_ds[s], dev_logits[s]) for s in dev_ds], spec, True,
+                   None if spec.is_regression else dev_preds)
         _save_logits(out / "dev_logits.npy", list(dev_logits.values()))
         if test_ds:
             # an MNLI run's AX rows share MNLI's three labels, so one spec formats both
-            _write_tsv(out / "test_predictions.tsv", [(s, test_ds[s], test_logits[s]) for s in test_ds], spec, False)
+            _write_tsv(out / "test_predictions.tsv", [(s, test_ds[s], test_logits[s]) for s in test_ds], spec, False,
+                       test_preds)
             _save_logits(out / "test_logits.npy", list(test_logits.values()))
         if cfg.save_model:
             _save_model(eval_model if hasattr(eval_model, "save_pretrained") else model, tokenizer, out / "model")
@@ -751,6 +810,7 @@ def _make_objective(spec: TaskSpec, keys: tuple[str, ...], tricks: list[tuple[st
 __all__ = [
     "FinetuneConfig",
     "run_finetune",
+    "class_predictions",
     "resolve",
     "config_hash",
     "cached_results",

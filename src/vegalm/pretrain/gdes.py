@@ -71,6 +71,29 @@ def share_embeddings(generator, discriminator, mode: str) -> None:
         raise ValueError(f"embedding_sharing={mode!r}: expected gdes, shared or none")
 
 
+def reshare_embeddings(generator, discriminator, mode: str) -> None:
+    """Share again the tables of an exported pair without changing what either model computes.
+
+    gdes: E_delta := E_D - E_G (the export folded E_G + E_delta into E_D). shared: the discriminator
+    takes the generator's table, which is only function-preserving if the pair was trained "shared"
+    (then both tables are equal); a difference is reported. none: nothing to do."""
+    if mode == "none":
+        return
+    d_weight = discriminator.deberta.embeddings.word_embeddings.weight.detach().clone()
+    share_embeddings(generator, discriminator, mode)
+    d_emb = discriminator.deberta.embeddings.word_embeddings
+    if mode == "gdes":
+        with torch.no_grad():
+            d_emb.delta.copy_(d_weight - d_emb.source.weight)
+    elif not torch.equal(d_weight, d_emb.weight):
+        import logging
+
+        diff = (d_weight - d_emb.weight).abs().max().item()
+        logging.getLogger(__name__).warning(
+            "embedding_sharing=shared: the discriminator's table differed from the generator's (max |diff| %.3g); "
+            "it now uses the generator's (use gdes to keep the discriminator's own table)", diff)
+
+
 def unshare(discriminator) -> None:
     """Give the discriminator a plain, independent embedding table (GDES folded; shared copied)."""
     d_emb = discriminator.deberta.embeddings

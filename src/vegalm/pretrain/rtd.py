@@ -21,7 +21,7 @@ from torch import nn
 
 from vegalm.model import EncoderConfig, VegaForMaskedLM, VegaForRTD
 from vegalm.pretrain.contrastive import ProjectionHead, pool, simcse_loss
-from vegalm.pretrain.gdes import share_embeddings
+from vegalm.pretrain.gdes import reshare_embeddings, share_embeddings
 from vegalm.pretrain.masking import mask_tokens, special_positions
 
 
@@ -94,6 +94,17 @@ class RTDModel(_Base):
         self.discriminator = VegaForRTD(disc_cfg)
         share_embeddings(self.generator, self.discriminator, obj.embedding_sharing)
         self.cl_head = ProjectionHead(disc_cfg.hidden_size) if obj.cl_weight > 0 and obj.cl_projection else None
+
+    @classmethod
+    def from_parts(cls, generator: VegaForMaskedLM, discriminator: VegaForRTD, obj: ObjectiveConfig, mask_id: int,
+                   special_ids: tuple[int, ...]) -> "RTDModel":
+        """Continue an exported pair (tapt.py): the embeddings are re-shared keeping both models' functions."""
+        self = cls.__new__(cls)
+        _Base.__init__(self, obj, mask_id, special_ids)
+        self.generator, self.discriminator = generator, discriminator
+        reshare_embeddings(generator, discriminator, obj.embedding_sharing)
+        self.cl_head = ProjectionHead(discriminator.config.hidden_size) if obj.cl_weight > 0 and obj.cl_projection else None
+        return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> dict:
         o = self.obj

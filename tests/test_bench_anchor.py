@@ -1,0 +1,44 @@
+"""bench/glue_anchor.py: both sides run on a real CoLA slice, records merge per side, the table reads them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from accelerate.state import AcceleratorState
+
+ROOT = Path(__file__).resolve().parents[1]
+GLUE_DIR = ROOT.parent / "shared" / "data" / "glue"
+pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("glue_anchor", ROOT / "bench" / "glue_anchor.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_anchor_sides_merge_and_summary(tmp_path, capsys):
+    bench = _bench()
+    common = ["--task", "cola", "--seed", "3", "--max-train-samples", "64", "--threads", "1", "--no-progress",
+              "--glue-dir", str(GLUE_DIR), "--out", str(tmp_path)]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert bench.main([*common, "--sides", "vegalm", "--note", "pytest beside it"]) == 0
+    rec = json.loads((tmp_path / "cola-seed3.json").read_text())
+    assert "hf_trainer" not in rec and rec["vegalm"]["steps"] == 6  # 64 // 32 per epoch, 3 epochs, last partial dropped
+    assert rec["vegalm"]["concurrent_load"] == "pytest beside it"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert bench.main(common) == 0  # only the missing Trainer side runs
+    rec = json.loads((tmp_path / "cola-seed3.json").read_text())
+    assert rec["hf_trainer"]["steps"] == 6 and rec["train_time_ratio"] is None  # a loaded side leaves the ratio
+    assert rec["score_delta"] == round(rec["vegalm"]["dev_score"] - rec["hf_trainer"]["dev_score"], 3)
+    capsys.readouterr()
+    assert bench.main(["--summary", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    table = json.loads(lines[-1])
+    assert table["tasks"]["cola"]["vegalm"]["s_per_epoch"] is None  # its only run was measured under load
+    assert table["tasks"]["cola"]["hf_trainer"]["scores"] == [round(rec["hf_trainer"]["dev_score"], 2)]
+    assert lines[2].startswith("| cola |")
