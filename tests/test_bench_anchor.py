@@ -23,17 +23,17 @@ def _bench():
 
 def test_anchor_sides_merge_and_summary(tmp_path, capsys):
     bench = _bench()
-    common = ["--task", "cola", "--seed", "3", "--max-train-samples", "64", "--threads", "1", "--no-progress",
+    common = ["--task", "cola", "--seed", "3", "--max-train-samples", "32", "--threads", "1", "--no-progress",
               "--glue-dir", str(GLUE_DIR), "--out", str(tmp_path)]
     AcceleratorState._reset_state(reset_partial_state=True)
     assert bench.main([*common, "--sides", "vegalm", "--note", "pytest beside it"]) == 0
     rec = json.loads((tmp_path / "cola-seed3.json").read_text())
-    assert "hf_trainer" not in rec and rec["vegalm"]["steps"] == 6  # 64 // 32 per epoch, 3 epochs, last partial dropped
+    assert "hf_trainer" not in rec and rec["vegalm"]["steps"] == 3  # one batch of 32 per epoch, 3 epochs
     assert rec["vegalm"]["concurrent_load"] == "pytest beside it"
     AcceleratorState._reset_state(reset_partial_state=True)
     assert bench.main(common) == 0  # only the missing Trainer side runs
     rec = json.loads((tmp_path / "cola-seed3.json").read_text())
-    assert rec["hf_trainer"]["steps"] == 6 and rec["train_time_ratio"] is None  # a loaded side leaves the ratio
+    assert rec["hf_trainer"]["steps"] == 3 and rec["train_time_ratio"] is None  # a loaded side leaves the ratio
     assert rec["score_delta"] == round(rec["vegalm"]["dev_score"] - rec["hf_trainer"]["dev_score"], 3)
     capsys.readouterr()
     assert bench.main(["--summary", str(tmp_path)]) == 0
@@ -42,3 +42,18 @@ def test_anchor_sides_merge_and_summary(tmp_path, capsys):
     assert table["tasks"]["cola"]["vegalm"]["s_per_epoch"] is None  # its only run was measured under load
     assert table["tasks"]["cola"]["hf_trainer"]["scores"] == [round(rec["hf_trainer"]["dev_score"], 2)]
     assert lines[2].startswith("| cola |")
+
+
+def test_speed_check_counts_padded_tokens(capsys):
+    bench = _bench()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    argv = ["--task", "mrpc", "--seed", "1", "--max-train-samples", "32", "--threads", "1", "--no-progress",
+            "--glue-dir", str(GLUE_DIR), "--repeats", "2"]
+    assert bench.main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["repeats"] == 2 and len(out["train_s_all"]["vegalm"]) == 2
+    # one batch of 32 per epoch holds every example: both sides push the same padded tokens
+    assert out["padded_tokens"]["vegalm"] == out["padded_tokens"]["hf_trainer"] > 3 * 32 * 20
+    assert out["ratio_per_token_median"] > 0
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--out", "x"])

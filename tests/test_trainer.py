@@ -176,6 +176,12 @@ def test_should_stop_saves_and_returns(tmp_path):
     assert [m["step"] for m in read_metrics(tmp_path)] == [4, 5]
 
 
+def test_save_final_off_writes_no_checkpoint(tmp_path):
+    summary = make_trainer(tmp_path, max_steps=3, save_final=False).train()
+    assert summary["step"] == 3 and summary["checkpoint"] is None
+    assert not list(tmp_path.rglob("step-*"))  # fine-tuning keeps weights, not optimizer state
+
+
 # ----------------------------------------------------------------------------- optimizer groups
 def test_default_param_groups_skip_bias_and_layernorm(tmp_path):
     trainer = make_trainer(tmp_path, weight_decay=0.05)

@@ -15,7 +15,7 @@ from accelerate.state import AcceleratorState
 from vegalm.data.glue import Example, load_split
 from vegalm.errors import VegaError
 from vegalm.finetune.runner import FinetuneConfig, config_hash, minilm_path, resolve, run_finetune
-from vegalm.finetune.wnli import GroupPrior, apply_treatment, rank_predictions
+from vegalm.finetune.wnli import GroupPrior, apply_treatment, premise_folds, premise_key, rank_predictions
 
 GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
@@ -59,6 +59,8 @@ def test_ranking_rules_on_a_hand_made_group():
         rank_predictions(np.zeros((3, 3)), ex, prior)
     with pytest.raises(VegaError, match="wnli_treatment"):
         apply_treatment("vote", logits, ex, train)
+    majority, _ = apply_treatment("majority", logits, ex, load_split("wnli", "train", GLUE_DIR))
+    assert majority.tolist() == [0, 0, 0]  # train: 323 not_entailment vs 312
 
 
 def test_treatments_on_real_dev_never_read_eval_labels():
@@ -100,6 +102,7 @@ def test_finetune_writes_treated_predictions_and_report(tiny_dir, tmp_path):
     rep = res["wnli"]
     assert rep["treatment"] == "groups+train" and rep["dev"]["majority_floor"] == 56.34
     assert rep["dev"]["accuracy"] == round(res["dev"]["dev"]["accuracy"], 2)
+    assert rep["dev"]["accuracy_by_treatment"]["majority"] == rep["dev"]["majority_floor"]
     assert rep["dev"]["decided"]["by_train"] == 65 and rep["test"]["decided"]["argmax"] == 0  # every test premise has 2+
     dev_logits = np.load(tmp_path / "w" / "dev_logits.npy")
     assert rep["dev"]["accuracy_argmax"] == round(100 * float(np.mean(
@@ -132,3 +135,16 @@ def test_glue_sweep_submission_follows_the_treatment(tiny_dir, tmp_path):
     assert json.loads((run_dir / "results.json").read_text())["wnli"]["treatment"] == "groups"
     assert want.tolist() != logits.argmax(-1).tolist()  # so the check above can tell the two apart
     assert res["glue"]["median"]["task_scores"]
+
+
+def test_premise_folds_are_disjoint_and_complete(tmp_path):
+    dirs = premise_folds(GLUE_DIR, tmp_path, folds=2, seed=0)
+    train = load_split("wnli", "train", GLUE_DIR)
+    seen = []
+    for d in dirs:
+        tr, dv = load_split("wnli", "train", d), load_split("wnli", "dev", d)
+        assert len(tr) + len(dv) == len(train)
+        assert not {premise_key(e.text_a) for e in tr} & {premise_key(e.text_a) for e in dv}
+        seen += [(e.text_a, e.text_b, e.label) for e in dv]
+    assert sorted(seen) == sorted((e.text_a, e.text_b, e.label) for e in train)  # each row held out once
+    assert premise_folds(GLUE_DIR, tmp_path, folds=2, seed=0) == dirs  # same folds again, files untouched

@@ -24,7 +24,7 @@ Outputs in `out/`:
   dev_logits.npy          float32 [rows, C], the rows of dev_predictions.tsv in order (same for test);
   test_logits.npy         results.json `dev_rows`/`test_rows` give each split's [start, end) row range
   model/                  the evaluated weights + tokenizer (`save_model=true`), usable as `init_from`
-  metrics.jsonl, tb/      training log (the Trainer's); its checkpoints/ are removed after success
+  metrics.jsonl, tb/      training log (the Trainer's); no checkpoint is kept (save_final=False)
 
 Caching: a run is skipped (its results.json returned with "cached": true) when out/results.json exists
 and its `config_hash` equals this config's. The hash covers the RESOLVED config (per-task defaults
@@ -123,7 +123,7 @@ class FinetuneConfig:
     # JSONL of extra labelled training rows (guid, index, text_a, text_b, label id / STS-B score), appended
     # after the (subset) train set; ablate.py writes its test pseudo-labels here. Hashed by content.
     extra_train: str | None = None
-    # WNLI only: none | groups | groups+train, Winograd candidate competition (vegalm/finetune/wnli.py)
+    # WNLI only: none | groups | groups+train | majority (vegalm/finetune/wnli.py)
     wnli_treatment: str = "none"
     progress: bool = True
 
@@ -690,7 +690,7 @@ def run_finetune(cfg: FinetuneConfig | dict) -> dict[str, Any]:
         max_steps=cfg.max_steps or 1, epochs=None if cfg.max_steps else float(resolved["epochs"]),
         warmup_ratio=resolved["warmup_ratio"], schedule=cfg.schedule, batch_size=bs, grad_accum=cfg.grad_accum,
         max_grad_norm=cfg.max_grad_norm, mixed_precision=cfg.mixed_precision, seed=cfg.seed,
-        log_every=10, save_every=0, keep_last=1, progress=cfg.progress,
+        log_every=10, save_every=0, save_final=False, keep_last=1, progress=cfg.progress,
     )
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # leftovers of an interrupted run
     (out / "results.json").unlink(missing_ok=True)

@@ -88,6 +88,7 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 10
     save_every: int = 0  # 0 = only at the end
+    save_final: bool = True  # checkpoint the last step (fine-tuning turns it off: it keeps weights, not state)
     keep_last: int = 2
     max_bad_steps: int = 5  # consecutive non-finite losses before stopping with a diagnostic
     num_workers: int = 0
@@ -323,7 +324,10 @@ class Trainer:
                     last_saved = self.step
             if self.should_stop and self.step % cfg.log_every and self.step != self.max_steps:
                 self._log(win, t_start, pbar)  # the partial window
-            ckpt = self.save() if last_saved != self.step else self.ckpt_root / step_dir_name(self.step)
+            if last_saved == self.step:
+                ckpt = self.ckpt_root / step_dir_name(self.step)
+            else:
+                ckpt = self.save() if cfg.save_final else None
         finally:
             if pbar is not None:
                 pbar.close()
@@ -335,7 +339,7 @@ class Trainer:
             "loss": self.last_metrics.get("loss"),
             "skipped_steps": self.bad_total,
             "elapsed": time.perf_counter() - t_start,
-            "checkpoint": str(ckpt),
+            "checkpoint": str(ckpt) if ckpt is not None else None,
             "metrics": dict(self.last_metrics),
         }
 
