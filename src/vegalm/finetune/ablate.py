@@ -660,8 +660,12 @@ def render_markdown(summary: dict) -> str:
                     span = f"{min(sel)}–{max(sel)}" if min(sel) != max(sel) else f"{sel[0]}"
                     lines.append(f"- {c} / {t}: {span} of {p['test_rows']} test rows, per seed{note}")
     lines += ["", "Verdict:", ""] + [f"- {v}" for v in verdict_lines(summary)]
-    lines += ["", "Not in this table: task-adaptive RTD pretraining (transductive variant (a)); it needs our own "
-              "encoder's RTD generator and runs in the pretraining code, not here.", ""]
+    if not any(TAPT in c.split("+") for c in summary["combos"]):
+        lines += ["", "Not in this table: task-adaptive RTD pretraining (transductive variant (a), combo `tapt`); it "
+                  "needs an encoder with an RTD generator (our own pretrained ones), so a transformers backbone "
+                  "such as MiniLM-L6 cannot run it.", ""]
+    else:
+        lines.append("")
     return "\n".join(lines)
 
 
