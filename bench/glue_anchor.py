@@ -116,7 +116,7 @@ SIDES = {"hf_trainer": hf_side, "vegalm": vegalm_side}
 
 class TrainTokens:
     """Counts padded tokens through the model in training mode (batch x padded length at the embeddings'
-    output), via a global forward hook, so speed can be compared per token: the two sides draw different
+    output), via a global forward hook, so speed can be compared per token: the two sides may draw different
     batch orders, and dynamic padding makes an epoch's padded-token count depend on the order."""
 
     def __init__(self):

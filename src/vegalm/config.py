@@ -172,14 +172,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     base = data.pop("base", None)  # a recipe may extend another: `base: tiny.yaml`
     if base is not None:
         parent = load_yaml(path.parent / base)
-        data = _merge(parent, data)
+        data = deep_merge(parent, data)
     return data
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """`a` updated by `b`, nested mappings merged key by key (b wins); neither input is modified."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

@@ -269,13 +269,12 @@ def run_one(combo: Combo, task: str, seed: int, *, base: dict, trick_args: dict,
     parts: dict[str, dict] = {}
     pseudo_info = None
     if combo.tapt:
+        from vegalm.config import deep_merge
         from vegalm.pretrain.tapt import run_tapt
-
-        from vegalm.config import _merge
 
         fixed = {"task": task, "model": base["model"], "out": str(out / TAPT / task / f"seed{seed}"),
                  "glue_dir": glue_dir, "train": {"seed": seed, "progress": bool(base.get("progress", True))}}
-        t = run_tapt(_merge(tapt or {}, fixed))
+        t = run_tapt(deep_merge(tapt or {}, fixed))
         parts["tapt"] = {"timing": {"wall_s": t["wall_s"]}, "cached": t["cached"], "train": {"steps": t["train"]["step"]}}
         base = {**base, "model": t["model_path"]}
     if not combo.transductive:
@@ -367,9 +366,7 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
             raise VegaError(f"{task}: no training file {split_path(task, 'train', glue_dir)}; drop it from --tasks")
     model_dir = resolve_model_dir(model)
     if any(c.tapt for c in combo_list):
-        from vegalm.pretrain.tapt import resolve_pair
-
-        from vegalm.pretrain.tapt import TaptConfig
+        from vegalm.pretrain.tapt import TaptConfig, resolve_pair
 
         resolve_pair(model)  # no RTD generator (e.g. MiniLM-L6): fail before any training
         taken = sorted(set(tapt) & {"task", "model", "out", "glue_dir"})

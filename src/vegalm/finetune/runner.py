@@ -72,6 +72,7 @@ from vegalm.data.glue import TaskSpec, get_task, load_split, resolve_glue_dir, s
 from vegalm.errors import VegaError
 from vegalm.finetune.metrics import compute_metrics, task_score
 from vegalm.finetune.wnli import TREATMENTS as WNLI_TREATMENTS
+from vegalm.finetune.wnli import apply_treatment
 from vegalm.finetune.tasks import DEFAULT_SETS, SET_OPTIM, Collator, GlueDataset, enable_length_grouping, task_defaults
 
 log = logging.getLogger(__name__)
@@ -520,14 +521,12 @@ def _pred_values(spec: TaskSpec, logits: np.ndarray) -> list[str]:
 def class_predictions(spec: TaskSpec, split: str, logits: np.ndarray, config: dict, glue_dir: str,
                       examples: list | None = None) -> np.ndarray:
     """Predicted label ids (classification) or scores (regression) of one split, as the run's config says:
-    argmax, except WNLI under `wnli_treatment` (groups / groups+train, finetune/wnli.py)."""
+    argmax, except WNLI under `wnli_treatment` (groups, groups+train, majority: finetune/wnli.py)."""
     if spec.is_regression:
         return logits[:, 0]
     treatment = config.get("wnli_treatment", "none")
     if spec.name != "wnli" or treatment == "none" or split == "train":
         return logits.argmax(-1)
-    from vegalm.finetune.wnli import apply_treatment
-
     examples = examples if examples is not None else load_split(spec.name, split, glue_dir)
     return apply_treatment(treatment, logits, examples, load_split(spec.name, "train", glue_dir))[0]
 
@@ -535,8 +534,6 @@ def class_predictions(spec: TaskSpec, split: str, logits: np.ndarray, config: di
 def _wnli_report(resolved: dict, dev_ex: dict, dev_logits: dict, test_ex: dict, test_logits: dict) -> dict:
     """What the WNLI treatment did: dev accuracy with plain argmax and the majority floor beside the
     treated one, and how many rows each rule decided (finetune/wnli.py explains why dev != test here)."""
-    from vegalm.finetune.wnli import apply_treatment
-
     train = load_split("wnli", "train", resolved["glue_dir"])
     majority = int(np.bincount([ex.label for ex in train], minlength=2).argmax())
     treatment = resolved.get("wnli_treatment", "none")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ import torch
 from vegalm.config import ConfigError, to_dict
 from vegalm.errors import VegaError
 from vegalm.pretrain.rtd import ObjectiveConfig, RTDModel, objective
+from vegalm.pretrain.run import _collate, _done, _previous_export, _write_json, export
 from vegalm.train.trainer import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -79,9 +81,9 @@ class TaptConfig:
 def load_tapt_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> TaptConfig:
     """TaptConfig from an optional YAML file and key=value overrides, over TaptConfig()'s own defaults
     (so `train.lr=5e-5` keeps the 10 epochs instead of falling back to TrainConfig's max_steps)."""
-    from vegalm.config import _merge, apply_overrides, from_dict, load_yaml
+    from vegalm.config import deep_merge, apply_overrides, from_dict, load_yaml
 
-    data = _merge(to_dict(TaptConfig()), load_yaml(recipe) if recipe else {})
+    data = deep_merge(to_dict(TaptConfig()), load_yaml(recipe) if recipe else {})
     try:
         return from_dict(TaptConfig, apply_overrides(data, overrides or []))
     except ConfigError as e:
@@ -123,23 +125,15 @@ def load_rtd_pair(disc_dir: Path, gen_dir: Path, obj: ObjectiveConfig, tokenizer
     return RTDModel.from_parts(gen, disc, obj, tokenizer.mask_token_id, special)
 
 
-def _collate(items: list[dict]) -> dict[str, torch.Tensor]:
-    from vegalm.pretrain.run import _collate as collate
-
-    return collate(items)
-
-
 def run_tapt(cfg: TaptConfig | dict, resume: bool = True) -> dict:
     """Continue RTD on the task's text; export OUT/discriminator and OUT/generator. Returns the summary."""
     from transformers import AutoTokenizer
 
-    from vegalm.config import _merge, from_dict
+    from vegalm.config import deep_merge, from_dict
     from vegalm.data.corpus import build_segments
     from vegalm.data.glue import get_task, resolve_glue_dir
     from vegalm.finetune.transductive import task_texts
-    from vegalm.pretrain.run import _done, _previous_export, _write_json, export
-
-    cfg = from_dict(TaptConfig, _merge(to_dict(TaptConfig()), cfg)) if isinstance(cfg, dict) else cfg
+    cfg = from_dict(TaptConfig, deep_merge(to_dict(TaptConfig()), cfg)) if isinstance(cfg, dict) else cfg
     cfg.check()
     spec = get_task(cfg.task)
     out = Path(cfg.out)
@@ -152,8 +146,6 @@ def run_tapt(cfg: TaptConfig | dict, resume: bool = True) -> dict:
         return {**json.loads((out / "summary.json").read_text(encoding="utf-8")), "cached": True}
     if done is not None and done.get("config") != settings:  # finished with other settings: start over
         log.info("tapt: %s was trained with other settings; retraining", out)
-        import shutil
-
         shutil.rmtree(out / "train")
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
