@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 
 from vegalm.config import ConfigError
 from vegalm.data.glue import TASKS, load_split
@@ -32,18 +31,13 @@ from vegalm.model import EncoderConfig, VegaForSequenceClassification, VegaModel
 from vegalm.train.sampler import ResumableBatchSampler
 
 GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
-pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
+pytestmark = [pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}"),
+              pytest.mark.usefixtures("fresh_accelerate")]
 TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             position_buckets=32)
 FAST = dict(max_train_samples=64, batch_size=16, max_steps=3, progress=False, glue_dir=str(GLUE_DIR))
 
 
-@pytest.fixture(autouse=True)
-def _isolated():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    torch.set_num_threads(1)  # the cores are shared; more threads are slower here
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _copy_tokenizer(dst: Path) -> None:
@@ -183,6 +177,44 @@ def test_rte_run_outputs_and_cache(tiny_dir, tmp_path, monkeypatch):
     assert resolve(dataclasses.replace(cfg, lr=1e-4)) == resolve(cfg)  # the default, spelled out: same key
     with pytest.raises(AssertionError, match="must not train"):  # a changed setting is a new run
         run_finetune(dataclasses.replace(cfg, seed=7))
+
+
+def test_interrupted_run_continues_from_its_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    """checkpoint_every: a run stopped after step 4 of 6 continues from checkpoint 4 and ends with the same dev
+    logits as an uninterrupted run, self-calibration memory and weight EMA included (both change the result)."""
+    from vegalm.train.trainer import Trainer
+
+    base = dict(task="rte", model=str(tiny_dir), eval_test=False, save_model=False, checkpoint_every=2,
+                tricks=["selfcal"], ema_decay=0.9, **{**FAST, "max_steps": 6})
+    whole = run_finetune(FinetuneConfig(**base, out=str(tmp_path / "whole")))
+    assert whole["train"]["resumed_from_step"] == 0
+
+    one_step = Trainer._one_step
+
+    def stop_after_four(self, *a, **k):
+        if self.step == 4:  # checkpoint 4 is written; stop before step 5
+            raise KeyboardInterrupt
+        return one_step(self, *a, **k)
+
+    out = tmp_path / "cut"
+    monkeypatch.setattr(Trainer, "_one_step", stop_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(FinetuneConfig(**base, out=str(out)))
+    monkeypatch.setattr(Trainer, "_one_step", one_step)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000004"
+    assert not (out / "results.json").exists()
+    resumed = run_finetune(FinetuneConfig(**base, out=str(out)))
+    assert resumed["train"]["resumed_from_step"] == 4 and resumed["train"]["steps"] == 6
+    np.testing.assert_array_equal(np.load(out / "dev_logits.npy"), np.load(tmp_path / "whole" / "dev_logits.npy"))
+    assert not (out / "checkpoints").exists()  # removed once the run is complete
+
+    # checkpoints of another config are not resumed: they are cleared and the run starts from step 0
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(Trainer, "_one_step", stop_after_four)
+        run_finetune(FinetuneConfig(**base, out=str(out / "other")))
+    monkeypatch.setattr(Trainer, "_one_step", one_step)
+    other = run_finetune(FinetuneConfig(**{**base, "lr": 5e-5}, out=str(out / "other")))
+    assert other["train"]["resumed_from_step"] == 0
 
 
 def test_stsb_regression_with_ema_and_grouping(tiny_dir, tmp_path):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 
 from vegalm.data.tokenizer import load_tokenizer, train_tokenizer
 from vegalm.errors import VegaError
@@ -19,15 +18,10 @@ from vegalm.pretrain.run import export
 from vegalm.pretrain.tapt import load_rtd_pair, load_tapt_config, resolve_pair, run_tapt
 
 GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
-pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
+pytestmark = [pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}"),
+              pytest.mark.usefixtures("fresh_accelerate")]
 
 
-@pytest.fixture(autouse=True)
-def _isolated():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    torch.set_num_threads(1)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ from vegalm.train.trainer import NonFiniteLossError, TrainConfig, Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _tiny_train as tiny  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    torch.set_num_threads(1)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def make_trainer(out: Path, nan_at=(), callbacks=(), n=128, dropout=0.1, **overrides) -> Trainer:

@@ -11,7 +11,8 @@ _KEYS_HELP = (
     "Settings are FinetuneConfig keys given as key=value (YAML values; lists as a,b), e.g. lr=5e-5 epochs=10 "
     "batch_size=16 max_length=256 seed=1 defaults=run_glue mixed_precision=bf16 layerwise_lr_decay=0.8 "
     "reinit_top_layers=2 ema_decay=0.999 init_from=runs/ft/mnli/model tricks=adv,rdrop trick_args.adv.eps=1e-5 "
-    "max_train_samples=512 glue_dir=../shared/data/glue. Unset lr/epochs/batch_size/warmup_ratio/max_length "
+    "max_train_samples=512 glue_dir=../shared/data/glue checkpoint_every=50 (an interrupted run continues from its "
+    "latest checkpoint when started again). Unset lr/epochs/batch_size/warmup_ratio/max_length "
     "take the per-task defaults (see vegalm/finetune/tasks.py)."
 )
 

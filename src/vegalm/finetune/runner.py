@@ -24,16 +24,23 @@ Outputs in `out/`:
   dev_logits.npy          float32 [rows, C], the rows of dev_predictions.tsv in order (same for test);
   test_logits.npy         results.json `dev_rows`/`test_rows` give each split's [start, end) row range
   model/                  the evaluated weights + tokenizer (`save_model=true`), usable as `init_from`
-  metrics.jsonl, tb/      training log (the Trainer's); no checkpoint is kept (save_final=False)
+  metrics.jsonl, tb/      training log (the Trainer's); no checkpoint is kept after the run
 
 Caching: a run is skipped (its results.json returned with "cached": true) when out/results.json exists
 and its `config_hash` equals this config's. The hash covers the RESOLVED config (per-task defaults
 filled in, paths made absolute, trick arguments with their defaults) plus the size and mtime of the
 model's config/weights files, so `lr=None` and the default lr hash alike, and re-pretraining into the
-same folder reruns. `out`, `progress`, `save_model` and `eval_batch_size` are not part of the hash.
-`extra_train` (a JSONL of labelled rows appended to train: ablate.py's pseudo-labels) is hashed by
-its content, not its path.
+same folder reruns. `out`, `progress`, `save_model`, `eval_batch_size` and `checkpoint_every` are not part
+of the hash. `extra_train` (a JSONL of labelled rows appended to train: ablate.py's pseudo-labels) is
+hashed by its content, not its path.
 results.json is written last, so an interrupted run is never taken for a finished one.
+
+Interrupted runs: with `checkpoint_every=N` the Trainer checkpoints every N steps into out/checkpoints/
+(keeping the latest, stamped with the config hash in out/checkpoints/config_hash), and a new start of the
+same config resumes from it: weights, Adam, schedule, sampler position, RNG, trick state (selfcal memory,
+EMA teachers) and the weight EMA, so the result equals an uninterrupted run's on CPU. Checkpoints of another
+config are deleted; all are deleted once results.json is written (an interruption during evaluation
+resumes from the latest checkpoint).
 
 Tricks (vegalm.finetune.tricks, optional): `tricks=[a, b]` builds `TRICKS[name](args, task_spec,
 num_labels)` with `args = from_dict(TRICKS[name].Args, trick_args[name])`, calls `setup(model)` before
@@ -82,7 +89,7 @@ BACKENDS = ("auto", "vegalm", "hf")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Fields that do not change what a run computes: left out of the cache key.
 # extra_train: its content digest (extra_train_sha256) is hashed instead of its path.
-UNHASHED = ("out", "progress", "save_model", "eval_batch_size", "extra_train")
+UNHASHED = ("out", "progress", "save_model", "eval_batch_size", "extra_train", "checkpoint_every")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -126,6 +133,10 @@ class FinetuneConfig:
     extra_train: str | None = None
     # WNLI only: none | groups | groups+train | majority (vegalm/finetune/wnli.py)
     wnli_treatment: str = "none"
+    # Checkpoint every N optimizer steps (0 = never): a run stopped midway continues from its latest
+    # checkpoint when started again with the same config (same result on CPU; trick and EMA state included).
+    # Each checkpoint holds the weights and Adam state (~270 MB for MiniLM-L6); deleted when the run ends.
+    checkpoint_every: int = 0
     progress: bool = True
 
     def check(self) -> None:
@@ -146,6 +157,7 @@ class FinetuneConfig:
             ("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1)"),
             ("grad_accum", self.grad_accum >= 1, ">= 1"),
             ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
+            ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
             *((k, getattr(self, k) is None or getattr(self, k) > 0, "> 0") for k in positive),
         ]
         for key, ok, want in rules:
@@ -368,6 +380,20 @@ class _StepHooks:
             trick.on_step_end(model, step, trainer.max_steps)
         if self.ema is not None:
             self.ema.update(model, step)
+
+    # resumable state (saved with each checkpoint by the Trainer)
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"tricks": {name: trick.state_dict() for name, trick in self.tricks}}
+        if self.ema is not None:
+            state["ema"] = {n: t.cpu() for n, t in self.ema.shadow.items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, trick in self.tricks:
+            trick.load_state_dict(state["tricks"].get(name, {}))
+        if self.ema is not None:
+            for n, t in state["ema"].items():
+                self.ema.shadow[n].copy_(t)
 
 
 class _EMA:
@@ -687,9 +713,9 @@ def run_finetune(cfg: FinetuneConfig | dict) -> dict[str, Any]:
         max_steps=cfg.max_steps or 1, epochs=None if cfg.max_steps else float(resolved["epochs"]),
         warmup_ratio=resolved["warmup_ratio"], schedule=cfg.schedule, batch_size=bs, grad_accum=cfg.grad_accum,
         max_grad_norm=cfg.max_grad_norm, mixed_precision=cfg.mixed_precision, seed=cfg.seed,
-        log_every=10, save_every=0, save_final=False, keep_last=1, progress=cfg.progress,
+        log_every=10, save_every=cfg.checkpoint_every, save_final=False, keep_last=1, progress=cfg.progress,
     )
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # leftovers of an interrupted run
+    resume = _prepare_checkpoints(out, key, cfg.checkpoint_every)
     (out / "results.json").unlink(missing_ok=True)
     hooks = _StepHooks(tricks)
     trainer = Trainer(model, objective, train_ds, collate, tcfg, out, param_groups=param_groups, callbacks=[hooks])
@@ -698,10 +724,8 @@ def run_finetune(cfg: FinetuneConfig | dict) -> dict[str, Any]:
     if cfg.group_by_length:
         enable_length_grouping(trainer.sampler, train_ds.lengths)
     t_load = time.perf_counter() - t0
-    summary = trainer.train()
+    summary = trainer.train(resume=resume)
     t_train = time.perf_counter() - t0 - t_load
-    if trainer.is_main:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # optimizer state: not needed after success
 
     # ----------------------------------------------------------------------- evaluate
     t1 = time.perf_counter()
@@ -741,7 +765,7 @@ def run_finetune(cfg: FinetuneConfig | dict) -> dict[str, Any]:
         "num_labels": num_labels,
         "num_train_examples": len(train_ds),
         "train": {"steps": summary["step"], "final_loss": summary["loss"], "skipped_steps": summary["skipped_steps"],
-                  "epochs": summary["step"] * bs / len(train_ds)},
+                  "epochs": summary["step"] * bs / len(train_ds), "resumed_from_step": summary["resumed_from"]},
         "model": {"backend": resolved["backend"], "weights_from": resolved["init_from"] or resolved["model"],
                   "fresh_weights": fresh, "reinitialised": reinit,
                   "num_parameters": sum(p.numel() for p in model.parameters()), "evaluated": (
@@ -773,7 +797,27 @@ def run_finetune(cfg: FinetuneConfig | dict) -> dict[str, Any]:
         tmp = out / "results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
         os.replace(tmp, out / "results.json")
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # weights + Adam state: not needed after success
     return {**results, "cached": False}
+
+
+def _prepare_checkpoints(out: Path, key: str, every: int) -> bool:
+    """True when out/checkpoints holds a checkpoint of this very config (cache key `key`) to resume from;
+    otherwise clear any leftovers (another config, or checkpointing off) and, if `every` > 0, record the key."""
+    from vegalm.train.checkpoint import latest_checkpoint
+
+    ckpts = out / "checkpoints"
+    stamp = ckpts / "config_hash"
+    if every > 0 and stamp.is_file() and stamp.read_text().strip() == key and latest_checkpoint(ckpts) is not None:
+        log.info("%s: continuing the interrupted run from %s", out, latest_checkpoint(ckpts))
+        return True
+    if ckpts.exists():
+        log.info("%s: removing checkpoints of an earlier run", ckpts)
+        shutil.rmtree(ckpts, ignore_errors=True)
+    if every > 0:
+        ckpts.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(key + "\n")
+    return False
 
 
 def _save_model(model: nn.Module, tokenizer: Any, path: Path) -> None:

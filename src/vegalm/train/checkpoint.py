@@ -5,7 +5,8 @@ Layout (`root` = out_dir/checkpoints):
     root/step-000120/model.safetensors   weights of the unwrapped model (shared tensors stored once)
                     optimizer.pt         optimizer.state_dict()
                     trainer_state.pt     step, scheduler, sampler, GradScaler, bad-step counters, ...
-                    rng_rank0.pt ...     torch CPU/CUDA, numpy and python RNG states, one file per process
+                    rng_rank0.pt ...     torch CPU/CUDA, numpy and python RNG states and the process's own
+                                         state (`rank_state`), one file per process
                     COMPLETE             marker (JSON: step, files), written last
     root/latest                          text file naming the newest complete checkpoint ("step-000120")
 
@@ -132,11 +133,14 @@ def save_checkpoint(
     is_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
     model_state: dict[str, torch.Tensor] | None = None,
+    rank_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically; every process calls this (each writes its own RNG file).
 
     `model` is the unwrapped module, saved by the main process; pass `model=None, model_state=...`
-    to save an already-gathered state dict instead (FSDP / DeepSpeed). Returns the final directory.
+    to save an already-gathered state dict instead (FSDP / DeepSpeed). `rank_state` is this process's
+    own state (e.g. a callback's per-example memory), stored beside its RNG state and returned by
+    `load_checkpoint` as trainer_state["rank_state"]. Returns the final directory.
     """
     root = Path(root)
     final = root / step_dir_name(step)
@@ -145,7 +149,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save of this same step
         tmp.mkdir(parents=True)
     barrier()
-    _torch_save({"rng": capture_rng()}, tmp / f"rng_rank{rank}.pt")
+    _torch_save({"rng": capture_rng(), "state": rank_state or {}}, tmp / f"rng_rank{rank}.pt")
     if is_main:
         if model is not None:
             save_model(model, str(tmp / "model.safetensors"), force_contiguous=True)
@@ -243,7 +247,8 @@ def load_checkpoint(
     rank: int = 0,
     restore_rng_state: bool = True,
 ) -> dict[str, Any]:
-    """Load weights (+ optimizer) into the given objects, restore this process's RNG, return trainer_state."""
+    """Load weights (+ optimizer) into the given objects, restore this process's RNG, return trainer_state
+    (with this process's `rank_state` under "rank_state", {} if it has none)."""
     path = Path(path)
     if not (path / MARKER).is_file():
         raise VegaError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
@@ -253,9 +258,11 @@ def load_checkpoint(
         optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
     state = _torch_load(path / "trainer_state.pt")
     rng_file = path / f"rng_rank{rank}.pt"
+    own = _torch_load(rng_file) if rng_file.is_file() else {}
+    state["rank_state"] = own.get("state", {})
     if restore_rng_state:
-        if rng_file.is_file():
-            restore_rng(_torch_load(rng_file)["rng"])
+        if own:
+            restore_rng(own["rng"])
         else:
             log.warning("%s has no RNG state for process %d (different number of processes?): "
                         "training continues, but not bit-exactly", path, rank)

@@ -32,6 +32,11 @@ own fp16 overflow check.
 Processes must agree: the objective must return the same log keys on every process, and a callback
 that sets `should_stop` must set it on every process.
 
+Callbacks: objects with any of `on_step_end(trainer, step)`, `on_log(trainer, metrics)`, and, for state
+that must survive a resume (an EMA of the weights, stored predictions), `state_dict()` /
+`load_state_dict(state)`: that state is saved with every checkpoint, per process, and restored by
+`train(resume=True)` before the first step.
+
 Outputs: out_dir/metrics.jsonl (one line per log step), out_dir/tb (TensorBoard), out_dir/checkpoints.
 
 Test hook (environment; the checkpoint hooks VEGALM_TEST_CKPT_ABORT / _SLEEP are in checkpoint.py):
@@ -255,6 +260,7 @@ class Trainer:
             rank=acc.process_index,
             is_main=self.is_main,
             barrier=acc.wait_for_everyone,
+            rank_state={"callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else {} for cb in self.callbacks]},
             **kwargs,
         )
 
@@ -277,6 +283,13 @@ class Trainer:
         if state["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.bad_streak, self.bad_total = int(state["bad_streak"]), int(state["bad_total"])
+        saved = state["rank_state"].get("callbacks", [])
+        if len(saved) != len(self.callbacks) and any(saved):
+            raise VegaError(f"{path}: saved with {len(saved)} callback state(s), this run has {len(self.callbacks)} "
+                            "callbacks: cannot resume with a different callback list")
+        for cb, cb_state in zip(self.callbacks, saved):
+            if hasattr(cb, "load_state_dict"):
+                cb.load_state_dict(cb_state)
         if self.is_main:
             log.info("resumed from %s (step %d)", path, self.step)
         return True
@@ -284,7 +297,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Train to `max_steps` (or until a callback sets `should_stop`), checkpoint, return a summary:
-        {step, loss (last logged), skipped_steps, elapsed, checkpoint, metrics (last log line)}."""
+        {step, loss (last logged), skipped_steps, elapsed, resumed_from (0 unless resumed), checkpoint,
+        metrics (last log line)}."""
         acc, cfg = self.accelerator, self.cfg
         self.should_stop = False
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -292,6 +306,7 @@ class Trainer:
             self._tb()  # opened before the RNGs are seeded / restored, so it cannot shift them
         if not (resume and self._resume()):
             set_seed(cfg.seed + acc.process_index)  # after any RNG use by model construction
+        resumed_from = self.step
         if self.is_main:
             self._trim_metrics()
         acc.step = 0  # accelerate's micro-batch counter: a step boundary
@@ -339,6 +354,7 @@ class Trainer:
             "loss": self.last_metrics.get("loss"),
             "skipped_steps": self.bad_total,
             "elapsed": time.perf_counter() - t_start,
+            "resumed_from": resumed_from,
             "checkpoint": str(ckpt) if ckpt is not None else None,
             "metrics": dict(self.last_metrics),
         }
