@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 
 from vegalm.data.glue import Example, load_split
 from vegalm.errors import VegaError
@@ -93,9 +92,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     return path
 
 
-def test_finetune_writes_treated_predictions_and_report(tiny_dir, tmp_path):
-    AcceleratorState._reset_state(reset_partial_state=True)
-    torch.set_num_threads(1)
+def test_finetune_writes_treated_predictions_and_report(tiny_dir, tmp_path, fresh_accelerate):
     base = dict(task="wnli", model=str(tiny_dir), glue_dir=str(GLUE_DIR), max_steps=2, batch_size=16,
                 progress=False, save_model=False)
     res = run_finetune(FinetuneConfig(**base, out=str(tmp_path / "w"), wnli_treatment="groups+train"))
@@ -119,11 +116,10 @@ def test_finetune_writes_treated_predictions_and_report(tiny_dir, tmp_path):
     assert k["wnli"]["none"] != k["wnli"]["groups"] and k["rte"]["none"] == k["rte"]["groups"]
 
 
-def test_glue_sweep_submission_follows_the_treatment(tiny_dir, tmp_path):
+def test_glue_sweep_submission_follows_the_treatment(tiny_dir, tmp_path, fresh_accelerate):
     from vegalm.finetune.glue_runner import run_glue
     from vegalm.finetune.submission import read_submission
 
-    AcceleratorState._reset_state(reset_partial_state=True)
     res = run_glue(str(tiny_dir), "wnli", 1, tmp_path / "g", glue_dir=str(GLUE_DIR), max_steps=2, batch_size=16,
                    progress=False, wnli_treatment="groups")
     run_dir = tmp_path / "g" / "wnli" / "seed0"

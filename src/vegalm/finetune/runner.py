@@ -811,6 +811,8 @@ def _prepare_checkpoints(out: Path, key: str, every: int) -> bool:
     if every > 0 and stamp.is_file() and stamp.read_text().strip() == key and latest_checkpoint(ckpts) is not None:
         log.info("%s: continuing the interrupted run from %s", out, latest_checkpoint(ckpts))
         return True
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process clears and stamps
+        return False
     if ckpts.exists():
         log.info("%s: removing checkpoints of an earlier run", ckpts)
         shutil.rmtree(ckpts, ignore_errors=True)

@@ -1,0 +1,98 @@
+"""Per-step cost of each fine-tuning trick relative to vanilla, same batches, one process.
+
+    python bench/trick_cost.py                                   # MiniLM-L6, MRPC, vanilla,adv,selfcal,adv+selfcal
+    python bench/trick_cost.py --combos vanilla,smart,freelb,r3f,sift,ema --steps 20
+    python bench/trick_cost.py --out results/trick_cost/minilm-l6-mrpc.json   # keep the record (commit it)
+
+Each combo is one `vegalm finetune` run (vega per-task defaults, fp32, the default trick arguments) of
+`--steps` optimizer steps on the same seed, so every combo sees the same batches. The Trainer logs the
+elapsed time every 10 steps; a combo's step time is (elapsed at the last step - elapsed at step 10) /
+(steps - 10), which leaves out the first steps (allocator and thread-pool warm-up). The ratio column is
+that time over vanilla's. `transductive` costs what vanilla costs per step; its price is a second run on
+train + pseudo-labels plus one pass over the test inputs, so it is not a combo here (`vegalm ablate` reports
+whole-run wall time for it). The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
+
+LOG_EVERY = 10  # the fine-tuning runner logs every 10 optimizer steps
+
+
+def step_seconds(metrics_file: Path, steps: int) -> float:
+    """Seconds per optimizer step between the step-10 log line and the last one."""
+    rows = {r["step"]: r for r in map(json.loads, metrics_file.read_text().splitlines())}
+    return (rows[steps]["elapsed"] - rows[LOG_EVERY]["elapsed"]) / (steps - LOG_EVERY)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="mrpc")
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--combos", default="vanilla,adv,selfcal,adv+selfcal",
+                   help="ablation combos without transductive (see `vegalm ablate --help`)")
+    p.add_argument("--steps", type=int, default=15, help=f"optimizer steps per combo (> {LOG_EVERY})")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the task's vega default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--glue-dir", default=None)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="also write the JSON record here")
+    args = p.parse_args(argv)
+    if args.steps <= LOG_EVERY:
+        p.error(f"--steps: must be more than {LOG_EVERY} (the first {LOG_EVERY} steps are warm-up)")
+    torch.set_num_threads(args.threads)
+
+    from vegalm.errors import VegaError
+    from vegalm.finetune.ablate import parse_combos
+    from vegalm.finetune.runner import FinetuneConfig, run_finetune
+
+    try:
+        combos = parse_combos(args.combos)
+    except VegaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if any(c.transductive or c.tapt for c in combos):
+        p.error("--combos: transductive / tapt are whole extra runs, not a per-step cost (see the docstring)")
+    work = Path(tempfile.mkdtemp(prefix="trick_cost_"))
+    times: dict[str, float] = {}
+    try:
+        for combo in combos:
+            out = work / combo.name
+            cfg = FinetuneConfig(task=args.task, model=args.model, out=str(out), glue_dir=args.glue_dir,
+                                 seed=args.seed, tricks=list(combo.tricks), max_steps=args.steps,
+                                 batch_size=args.batch_size, eval_test=False, save_model=False, progress=False)
+            run_finetune(cfg)
+            times[combo.name] = step_seconds(out / "metrics.jsonl", args.steps)
+            print(f"{combo.name:>14}: {times[combo.name]:.3f} s/step", flush=True)
+    except VegaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = times.get("vanilla")
+    record = {"task": args.task, "model": args.model, "steps": args.steps, "measured_steps": args.steps - LOG_EVERY,
+              "threads": args.threads, "seed": args.seed, "s_per_step": {k: round(v, 4) for k, v in times.items()},
+              "ratio_vs_vanilla": {k: round(v / base, 3) for k, v in times.items()} if base else None}
+    if base:
+        print("| combo | s/step | × vanilla |\n|---|---|---|")
+        for k, v in times.items():
+            print(f"| {k} | {v:.3f} | {v / base:.2f} |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""bench/trick_cost.py: per-step time of each combo from the runner's own log, on a real MRPC slice."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GLUE_DIR = ROOT.parent / "shared" / "data" / "glue"
+pytestmark = [pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}"),
+              pytest.mark.usefixtures("fresh_accelerate")]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("trick_cost", ROOT / "bench" / "trick_cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_step_seconds_reads_the_log(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("\n".join(json.dumps({"step": s, "elapsed": e}) for s, e in [(10, 5.0), (14, 9.0)]) + "\n")
+    assert _bench().step_seconds(f, 14) == 1.0
+
+
+def test_two_combos_on_minilm(tmp_path, capsys):
+    bench = _bench()
+    out = tmp_path / "cost.json"
+    argv = ["--task", "mrpc", "--combos", "vanilla,r3f", "--steps", "12", "--batch-size", "4", "--threads", "1",
+            "--glue-dir", str(GLUE_DIR), "--out", str(out)]
+    assert bench.main(argv) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line == json.loads(out.read_text())
+    assert set(line["s_per_step"]) == {"vanilla", "r3f"} and line["measured_steps"] == 2
+    assert line["ratio_vs_vanilla"]["vanilla"] == 1.0 and line["s_per_step"]["r3f"] > 0
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--steps", "10"])
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--combos", "vanilla,transductive"])
