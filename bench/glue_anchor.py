@@ -191,8 +191,9 @@ def speed_check(args, task: str, seed: int) -> int:
     """Both sides `args.repeats` times, alternating which goes first (Trainer, vegalm; vegalm, Trainer; ...), each
     run in a fresh process, as a user runs `run_glue.py` or `vegalm finetune`. (Both trainers in one process share
     Accelerate's global state, the allocator and the thread pools; measured that way on MRPC-512 our side took
-    69-71 s against 64-68 s in fresh processes, and the ratio read 1.065 instead of 1.002.) Prints per-side median training seconds, padded tokens, and the medians of the paired vegalm/Trainer ratios
-    (per run, per step, per padded token)."""
+    69-71 s against 64-68 s in fresh processes, and the ratio read 1.065 instead of 1.002.) Prints per-side
+    median training seconds, padded tokens, and the medians of the paired vegalm/Trainer ratios (per run, per
+    step, per padded token)."""
     from vegalm.errors import VegaError
 
     pairs = []

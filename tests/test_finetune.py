@@ -38,8 +38,6 @@ TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention
 FAST = dict(max_train_samples=64, batch_size=16, max_steps=3, progress=False, glue_dir=str(GLUE_DIR))
 
 
-
-
 def _copy_tokenizer(dst: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(minilm_path() / name, dst / name)

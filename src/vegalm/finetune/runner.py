@@ -808,8 +808,9 @@ def _prepare_checkpoints(out: Path, key: str, every: int) -> bool:
 
     ckpts = out / "checkpoints"
     stamp = ckpts / "config_hash"
-    if every > 0 and stamp.is_file() and stamp.read_text().strip() == key and latest_checkpoint(ckpts) is not None:
-        log.info("%s: continuing the interrupted run from %s", out, latest_checkpoint(ckpts))
+    latest = latest_checkpoint(ckpts) if every > 0 and stamp.is_file() and stamp.read_text().strip() == key else None
+    if latest is not None:
+        log.info("%s: continuing the interrupted run from %s", out, latest)
         return True
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process clears and stamps
         return False
