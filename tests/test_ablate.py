@@ -232,6 +232,34 @@ def test_rerun_trains_nothing(sweep, monkeypatch):
     assert stdout.strip().splitlines()[-1] == sweep["stdout"].strip().splitlines()[-1]
 
 
+def test_parallel_jobs_match_the_serial_sweep(sweep, tmp_path, monkeypatch):
+    """--jobs 2: the same runs in two spawned workers give the serial sweep's records, score for score."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the serial sweep ran on 1 thread; so do the workers
+    argv = list(sweep["argv"])
+    argv[argv.index("--out") + 1] = str(tmp_path / "out")
+    argv[argv.index("--results-dir") + 1] = str(tmp_path / "results")
+    rc, stdout = _main([*argv, "--jobs", "2"])
+    assert rc == 0 and stdout.startswith(f"trained {len(COMBOS) * 2 - 1} run(s)")  # transductive reuses vanilla
+    serial = {p.name: json.loads(p.read_text()) for p in sweep["records"].glob("*.json")}
+    parallel = {p.name: json.loads(p.read_text()) for p in (tmp_path / "results" / "tiny").glob("*.json")}
+    assert sorted(parallel) == sorted(serial)
+    for name, rec in serial.items():
+        assert (parallel[name]["dev_score"], parallel[name]["config_hash"]) == (rec["dev_score"], rec["config_hash"])
+    assert stdout.strip().splitlines()[-1] == sweep["stdout"].strip().splitlines()[-1]
+
+
+def test_parallel_plan_keeps_shared_folders_in_one_job():
+    combos = ablate.parse_combos("vanilla,adv,transductive,all,tapt,all+tapt")
+    jobs = ablate.plan_jobs(combos, ["rte", "cola"], [0, 1], {"rte": 1.0, "cola": 3.0})
+    runs = [(c.name, t, s) for job in jobs for c, t, s in job]
+    assert sorted(runs) == sorted((c.name, t, s) for c in combos for t in ("rte", "cola") for s in (0, 1))
+    names = [[c.name for c, _, _ in job] for job in jobs]
+    assert ["vanilla", "transductive"] in names and ["tapt", "all+tapt"] in names  # folders shared: one job
+    assert [job[0][2] for job in jobs] == [0] * 8 + [1] * 8  # seed-major
+    assert (names[0], jobs[0][0][1]) == (["tapt", "all+tapt"], "cola")  # the longest job of seed 0 first
+    assert names[7] == ["adv"] and jobs[7][0][1] == "rte"  # the shortest last
+
+
 def test_summary_from_records_alone(sweep, tmp_path, monkeypatch):
     committed = tmp_path / "results" / "ablation" / "tiny"
     shutil.copytree(sweep["records"], committed)

@@ -177,6 +177,44 @@ def test_rte_run_outputs_and_cache(tiny_dir, tmp_path, monkeypatch):
         run_finetune(dataclasses.replace(cfg, seed=7))
 
 
+def test_cache_key_follows_content_not_paths(tiny_dir, tmp_path):
+    """The same model, tokenizer and data under other paths, with new mtimes (a copy on another machine),
+    give the same key; one changed byte in the weights, the tokenizer or a data file gives a new key."""
+    from safetensors.torch import load_file, save_file
+
+    from vegalm.finetune.runner import config_hash
+
+    def key(model: Path, glue: Path, **kw) -> str:
+        return config_hash(resolve(FinetuneConfig(task="rte", model=str(model), out="o", glue_dir=str(glue), **kw)))
+
+    model = tmp_path / "moved" / "model"
+    shutil.copytree(tiny_dir, model, copy_function=shutil.copyfile)  # copyfile: new mtimes
+    glue = tmp_path / "glue"
+    shutil.copytree(GLUE_DIR / "RTE", glue / "RTE", copy_function=shutil.copyfile)
+    ref = key(tiny_dir, GLUE_DIR)
+    assert key(model, glue) == ref
+    assert resolve(FinetuneConfig(task="rte", model=str(model), out="o", glue_dir=str(glue)))["model"] == str(model)
+
+    train = glue / "RTE" / "train.tsv"
+    train.write_text(train.read_text(encoding="utf-8").rstrip("\n").rsplit("\n", 1)[0] + "\n", encoding="utf-8")
+    assert key(model, glue) != ref  # one training pair fewer
+    assert key(model, glue, eval_test=False) != key(model, GLUE_DIR, eval_test=False)
+    shutil.copyfile(GLUE_DIR / "RTE" / "train.tsv", train)
+    (glue / "RTE" / "test.tsv").unlink()
+    assert key(model, glue, eval_test=False) == key(tiny_dir, GLUE_DIR, eval_test=False)  # test unread
+    assert key(model, glue) != ref
+
+    vocab = model / "vocab.txt"
+    vocab.write_text(vocab.read_text(encoding="utf-8").replace("[unused0]", "[unused-0]"), encoding="utf-8")
+    assert key(model, GLUE_DIR) != ref
+    shutil.copyfile(tiny_dir / "vocab.txt", vocab)
+    weights = load_file(model / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    assert key(model, GLUE_DIR) != ref
+
+
 def test_interrupted_run_continues_from_its_checkpoint(tiny_dir, tmp_path, monkeypatch):
     """checkpoint_every: a run stopped after step 4 of 6 continues from checkpoint 4 and ends with the same dev
     logits as an uninterrupted run, self-calibration memory and weight EMA included (both change the result)."""

@@ -3,6 +3,7 @@
     vegalm ablate --model minilm-l6 --tasks rte,mrpc,stsb,cola --seeds 3 \\
         --tricks vanilla,adv,selfcal,transductive,all --out runs/ablate
     vegalm ablate --summary results/ablation/minilm-l6        # the table again, from committed JSON only
+    vegalm ablate --model minilm-l6 --seeds 3 --jobs 12 --out runs/ablate      # 12 runs at once (one GPU)
 
     from vegalm.finetune.ablate import run_ablation, load_records, summarize
     s = run_ablation("minilm-l6", "rte,stsb", seeds=3, combos="vanilla,adv", out="runs/ablate")
@@ -37,7 +38,10 @@ Combos (`--tricks`, comma-separated; parts of one combo may be joined with `+`, 
 Every (combo, task, seed) is a `run_finetune` run, cached in out/<combo>/<task>/seed<k>/ (a transductive
 teacher in .../seed<k>/teacher/ unless shared with vanilla, its pseudo-labels in .../seed<k>/pseudo.jsonl),
 so an interrupted sweep continues where it stopped. Runs go seed-major (every task and combo for seed 0
-first), so a stopped sweep still has a complete one-seed table. Each finished run also writes a small
+first), so a stopped sweep still has a complete one-seed table. `--jobs N` runs N jobs at once in worker
+processes (`plan_jobs`: combos that share folders stay in one job; longest first within a seed): a small
+model leaves a big GPU mostly idle, and a dozen runs side by side fill it. Cache keys hash the model and
+data by content (finetune/runner.py), so out/ carried to another machine is reused there. Each finished run also writes a small
 JSON record to <results-dir>/<model-tag>/<combo>__<task>__seed<k>.json (dev metrics, task score, wall
 time, calibration, config hash, pseudo-label counts); those files are meant to be committed, and
 `--summary` rebuilds the table from them alone.
@@ -327,14 +331,119 @@ def run_one(combo: Combo, task: str, seed: int, *, base: dict, trick_args: dict,
 # ------------------------------------------------------------------------------------------ sweep
 
 
+# Per-step cost of a trick relative to a vanilla step (results/trick_cost/minilm-l6-mrpc.json, CPU), used
+# only to start the longest jobs first when they run in parallel; unlisted tricks count 1.
+STEP_COST = {"adv": 2.65, "sift": 2.65, "smart": 3.08, "freelb": 3.46, "r3f": 2.11, "ema": 1.09}
+
+
+def _share_key(combo: Combo, task: str, seed: int) -> tuple:
+    """Combos that write the same folders must run one after the other, in one job: `transductive` alone
+    reuses the vanilla run as its teacher, and every tapt combo of a (task, seed) shares out/tapt/<task>/seed<k>."""
+    if combo.tapt:
+        return (TAPT, task, seed)
+    if not combo.tricks:
+        return (VANILLA, task, seed)
+    return (combo.name, task, seed)
+
+
+def _job_cost(combo: Combo, task_size: float) -> float:
+    """Rough relative wall time: task size x per-step cost x (2 when a student trains after its teacher)."""
+    step = 1.0
+    for t in combo.tricks:
+        step *= STEP_COST.get(t, 1.0)
+    return task_size * step * (2 if combo.transductive else 1) * (2 if combo.tapt else 1)
+
+
+def plan_jobs(combos: list[Combo], tasks: list[str], seeds: list[int],
+              task_size: dict[str, float]) -> list[list[tuple[Combo, str, int]]]:
+    """The sweep as jobs for parallel workers: each job is a list of (combo, task, seed) to run in order
+    (combos sharing folders together, vanilla first), ordered seed-major (a sweep stopped early still has
+    whole seeds) and, within a seed, longest first (so the long runs do not start last)."""
+    groups: dict[tuple, list] = {}
+    for seed in seeds:
+        for task in tasks:
+            for combo in combos:
+                groups.setdefault(_share_key(combo, task, seed), []).append((combo, task, seed))
+    jobs = list(groups.values())
+    jobs.sort(key=lambda j: (seeds.index(j[0][2]), -sum(_job_cost(c, task_size[t]) for c, t, _ in j)))
+    return jobs
+
+
+def _task_size(task: str, glue_dir: str, base: dict) -> float:
+    """Training tokens per run, roughly: train rows x epochs x max length (the per-task defaults)."""
+    from vegalm.data.glue import split_path
+    from vegalm.finetune.tasks import task_defaults
+
+    d = task_defaults(task, base.get("defaults", "vega"))
+    with open(split_path(task, "train", glue_dir), "rb") as f:
+        rows = sum(1 for _ in f) - 1
+    return rows * float(base.get("epochs") or d.epochs) * int(base.get("max_length") or d.max_length)
+
+
+def _run_and_record(combo: Combo, task: str, seed: int, ctx: dict) -> tuple[dict, int]:
+    """One (combo, task, seed): run it (or read it back) and write its JSON record."""
+    rec, n = run_one(combo, task, seed, base=ctx["base"], trick_args=ctx["trick_args"], out=ctx["out"],
+                     glue_dir=ctx["glue_dir"], fraction=ctx["fraction"], tapt=ctx["tapt"])
+    rec = {**rec, **ctx["common"]}
+    _write_if_changed(ctx["rec_dir"] / _record_name(combo.name, rec["task"], seed),
+                      json.dumps(rec, indent=1, sort_keys=True) + "\n")
+    return rec, n
+
+
+def _run_job(job: list[tuple[Combo, str, int]], ctx: dict, threads: int | None) -> list[tuple[dict, int]]:
+    """A parallel worker's job (a fresh spawned process): its runs in order, each record written as it ends."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return [_run_and_record(combo, task, seed, ctx) for combo, task, seed in job]
+
+
+def _run_parallel(jobs: list, ctx: dict, n_workers: int, bar) -> tuple[list[dict], int, list[str]]:
+    """Run `jobs` in `n_workers` spawned processes: (records, runs trained, failed jobs). A failed job
+    does not stop the others."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    # CPU: split the cores between workers, unless the user pinned threads (OMP_NUM_THREADS)
+    threads = None if os.environ.get("OMP_NUM_THREADS") else max(1, (os.cpu_count() or 1) // n_workers)
+    records: list[dict] = []
+    trained = 0
+    failed: list[str] = []
+    pool = cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=mp.get_context("spawn"))
+    try:
+        futures = {pool.submit(_run_job, job, ctx, threads): job for job in jobs}
+        for fut in cf.as_completed(futures):
+            job = futures[fut]
+            try:
+                done = fut.result()
+            except Exception as e:  # noqa: BLE001 - one failed job must not lose the others' runs
+                names = ", ".join(f"{c.name} {t} seed {s}" for c, t, s in job)
+                log.error("ablation job [%s] failed: %s: %s", names, type(e).__name__, e)
+                failed.append(f"[{names}]: {type(e).__name__}: {e}")
+                bar.update(len(job))
+                continue
+            for rec, n in done:
+                records.append(rec)
+                trained += n
+            bar.update(len(job))
+            bar.set_postfix_str(f"done: {job[-1][0].name} {job[-1][1]} seed {job[-1][2]}")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return records, trained, failed
+
+
 def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seeds: int | str | list[int] = 3,
                  combos: str | list[str] = DEFAULT_COMBOS, out: str | Path = "runs/ablate", *,
                  results_dir: str | Path = "results/ablation", tag: str | None = None,
-                 pseudo_fraction: float = PSEUDO_FRACTION, **overrides: Any) -> dict[str, Any]:
+                 pseudo_fraction: float = PSEUDO_FRACTION, jobs: int = 1, **overrides: Any) -> dict[str, Any]:
     """Run every seed x task x combo (cached runs are read back), write the records and the report.
 
     `overrides` are FinetuneConfig fields for every run (`save_model` defaults to False); `progress=False`
-    also hides the sweep's bar. Returns `summarize(records)`."""
+    also hides the sweep's bar. `jobs` > 1 runs that many jobs at once in spawned worker processes (see
+    `plan_jobs`; on a CPU each gets cores // jobs threads unless OMP_NUM_THREADS is set): small models
+    leave a big GPU mostly idle, and a dozen runs side by side fill it. Returns `summarize(records)`."""
     from tqdm.auto import tqdm
 
     from vegalm.config import from_dict
@@ -349,6 +458,8 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
         raise ConfigError(f"{taken[0]}: set by the ablation (use --model/--tasks/--seeds/--tricks/--out)")
     if not 0.0 < pseudo_fraction <= 1.0:
         raise ConfigError(f"pseudo-fraction: expected 0 < f <= 1, got {pseudo_fraction}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs: expected a whole number >= 1, got {jobs!r}")
     trick_args = dict(overrides.pop("trick_args", None) or {})
     tapt = dict(overrides.pop("tapt", None) or {})  # TaptConfig keys for the tapt combos: tapt.train.epochs=3
     used = {t for c in combo_list for t in c.tricks}
@@ -388,25 +499,37 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
     common = {"model": model, "model_tag": tag, "overrides": settings, "pseudo_fraction": pseudo_fraction,
               "anchor_model": ANCHOR_MODEL if is_anchor_model else None}
 
+    ctx = {"base": base, "trick_args": trick_args, "out": out, "glue_dir": glue_dir, "fraction": pseudo_fraction,
+           "tapt": tapt, "rec_dir": rec_dir, "common": common}
     records: list[dict] = []
     trained = 0
+    failed: list[str] = []
     total = len(seed_list) * len(task_list) * len(combo_list)
     bar = tqdm(total=total, desc="ablation runs", unit="run", disable=not probe.progress)
     try:
-        for seed in seed_list:
-            for task in task_list:
-                for combo in combo_list:
-                    bar.set_postfix_str(f"{combo.name} {task} seed {seed}")
-                    rec, n = run_one(combo, task, seed, base=base, trick_args=trick_args, out=out,
-                                     glue_dir=glue_dir, fraction=pseudo_fraction, tapt=tapt)
-                    rec = {**rec, **common}
-                    trained += n
-                    _write_if_changed(rec_dir / _record_name(combo.name, rec["task"], seed),
-                                      json.dumps(rec, indent=1, sort_keys=True) + "\n")
-                    records.append(rec)
-                    bar.update(1)
+        if jobs > 1:
+            sizes = {t: _task_size(t, glue_dir, base) for t in task_list}
+            plan = plan_jobs(combo_list, task_list, seed_list, sizes)
+            ctx["base"] = {**base, "progress": False}  # one bar, the sweep's: workers' bars would interleave
+            records, trained, failed = _run_parallel(plan, ctx, min(jobs, len(plan)), bar)
+            order = {(c.name, t, s): i for i, (s, t, c) in enumerate(
+                (s, t, c) for s in seed_list for t in task_list for c in combo_list)}
+            records.sort(key=lambda r: order[(r["combo"], r["task"], int(r["seed"]))])
+        else:
+            for seed in seed_list:
+                for task in task_list:
+                    for combo in combo_list:
+                        bar.set_postfix_str(f"{combo.name} {task} seed {seed}")
+                        rec, n = _run_and_record(combo, task, seed, ctx)
+                        trained += n
+                        records.append(rec)
+                        bar.update(1)
     finally:
         bar.close()
+    failures = (f"ablation: {len(failed)} job(s) failed; a rerun retries only what is missing: "
+                + "; ".join(failed))
+    if failed and not records:
+        raise VegaError(failures)
     summary = summarize(records)
     summary["trained_runs"] = trained
     summary["records_dir"] = str(rec_dir)
@@ -414,6 +537,8 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
     _write_if_changed(out / "ablation.md", render_markdown(summary))
     _write_if_changed(out / "ablation.json", json.dumps(summary, indent=1, default=str) + "\n")
     plot_ablation(summary, out / "ablation.png")
+    if failed:
+        raise VegaError(failures + f" (the report in {out} covers the runs that finished)")
     return summary
 
 

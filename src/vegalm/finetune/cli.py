@@ -63,6 +63,7 @@ examples:
   vegalm ablate --model minilm-l6 --tasks rte,mrpc,stsb,cola --seeds 3 --out runs/ablate   # the default combos
   vegalm ablate --model runs/pt/discriminator --tasks rte --seeds 1,2 --tricks vanilla,all+ema --out runs/abl-pt
   vegalm ablate --model minilm-l6 --tasks rte --seeds 1 --tricks vanilla,adv --out /tmp/abl trick_args.adv.method=smart
+  vegalm ablate --model minilm-l6 --seeds 3 --jobs 12 --out runs/ablate     # 12 runs at once on one GPU
   vegalm ablate --summary results/ablation/minilm-l6
 """
 
@@ -100,6 +101,9 @@ def register(sub, formatter) -> None:
     a.add_argument("--model-tag", default=None, help="records subfolder; default: from --model (pt-discriminator)")
     a.add_argument("--pseudo-fraction", type=float, default=0.3,
                    help="transductive: share of each test split kept as pseudo-labels, split evenly over classes")
+    a.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, in worker processes (e.g. 12 for MiniLM on one big GPU; on a CPU each "
+                        "worker gets cores // jobs threads)")
     a.add_argument("--summary", default=None, metavar="RESULTS",
                    help="only reprint the table from the JSON records under RESULTS (no training)")
     a.add_argument("--recipe", default=None, help="YAML file of FinetuneConfig keys applied to every run")
@@ -163,7 +167,7 @@ def _ablate(args: argparse.Namespace) -> int:
     data = _settings(args.recipe, args.settings)
     summary = ablate.run_ablation(args.model, args.tasks, args.seeds, args.tricks, args.out,
                                   results_dir=args.results_dir, tag=args.model_tag,
-                                  pseudo_fraction=args.pseudo_fraction, **data)
+                                  pseudo_fraction=args.pseudo_fraction, jobs=args.jobs, **data)
     print(f"trained {summary['trained_runs']} run(s); records: {summary['records_dir']}; "
           f"report: {args.out}/ablation.md, plot: {args.out}/ablation.png")
     ablate.print_report(summary)

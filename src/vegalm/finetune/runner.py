@@ -28,11 +28,13 @@ Outputs in `out/`:
 
 Caching: a run is skipped (its results.json returned with "cached": true) when out/results.json exists
 and its `config_hash` equals this config's. The hash covers the RESOLVED config (per-task defaults
-filled in, paths made absolute, trick arguments with their defaults) plus the size and mtime of the
-model's config/weights files, so `lr=None` and the default lr hash alike, and re-pretraining into the
-same folder reruns. `out`, `progress`, `save_model`, `eval_batch_size` and `checkpoint_every` are not part
-of the hash. `extra_train` (a JSONL of labelled rows appended to train: ablate.py's pseudo-labels) is
-hashed by its content, not its path.
+filled in, trick arguments with their defaults), so `lr=None` and the default lr hash alike. Inputs
+are hashed by CONTENT, not by where they live: the model's config/weights files, the tokenizer files,
+the task's train/dev/test TSVs and `extra_train` (a JSONL of labelled rows appended to train: ablate.py's
+pseudo-labels) enter as sha256 digests (`*_fingerprint`), their paths do not. So re-pretraining into
+the same folder reruns, while the same model and data on another machine, under another path or after a
+reinstall give the same key, and a sweep's finished runs carry over (copy out/ along). `out`,
+`progress`, `save_model`, `eval_batch_size` and `checkpoint_every` are not part of the hash either.
 results.json is written last, so an interrupted run is never taken for a finished one.
 
 Interrupted runs: with `checkpoint_every=N` the Trainer checkpoints every N steps into out/checkpoints/
@@ -87,9 +89,15 @@ log = logging.getLogger(__name__)
 MODEL_ALIASES = ("minilm-l6",)
 BACKENDS = ("auto", "vegalm", "hf")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-# Fields that do not change what a run computes: left out of the cache key.
-# extra_train: its content digest (extra_train_sha256) is hashed instead of its path.
-UNHASHED = ("out", "progress", "save_model", "eval_batch_size", "extra_train", "checkpoint_every")
+# Fields that do not change what a run computes: left out of the cache key. The input paths (model,
+# init_from, tokenizer, glue_dir, extra_train) are left out too: their contents are hashed instead
+# (model_fingerprint, init_fingerprint, tokenizer_fingerprint, data_fingerprint, extra_train_sha256).
+UNHASHED = ("out", "progress", "save_model", "eval_batch_size", "extra_train", "checkpoint_every",
+            "model", "init_from", "tokenizer", "glue_dir")
+# The files that define a model folder (weights may be sharded) and a tokenizer folder.
+WEIGHT_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "*.model")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -221,14 +229,44 @@ def _read_model_config(path: Path) -> dict:
         raise VegaError(f"{path / 'config.json'}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
-def _fingerprint(path: Path) -> list:
-    """(name, size, mtime) of the files that define a model folder's weights."""
-    out = []
-    for name in ("config.json", "model.safetensors", "model.safetensors.index.json", "rtd_head.safetensors"):
-        f = path / name
-        if f.is_file():
-            st = f.stat()
-            out.append([name, st.st_size, int(st.st_mtime)])
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (16 hex digits), remembered per (path, size, mtime) within the process:
+    a 1.3B model's 5 GB of weights take seconds to hash, and a sweep resolves the same model many times."""
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _DIGESTS:
+        with open(path, "rb") as f:
+            _DIGESTS[memo] = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    return _DIGESTS[memo]
+
+
+def _fingerprint(path: Path, patterns: tuple[str, ...] = WEIGHT_FILES) -> list:
+    """[name, size, sha256] of the files in a folder that match `patterns`, sorted by name."""
+    files = sorted({f for pat in patterns for f in path.glob(pat) if f.is_file()})
+    return [[f.name, f.stat().st_size, file_digest(f)] for f in files]
+
+
+def _tokenizer_fingerprint(tokenizer: str) -> list | str:
+    """The tokenizer's files by content; a Hub id stays a name (transformers fetches its files later)."""
+    path = Path(tokenizer)
+    if path.is_dir():
+        return _fingerprint(path, TOKENIZER_FILES)
+    return [[path.name, path.stat().st_size, file_digest(path)]] if path.is_file() else tokenizer
+
+
+def _data_fingerprint(spec: TaskSpec, glue_dir: str, eval_test: bool) -> dict[str, Any]:
+    """split -> sha256 of each TSV a run reads (train, dev splits, test splits when predicted; None if absent)."""
+    splits = ["train", *spec.dev_splits, *(spec.test_splits if eval_test else ())]
+    out: dict[str, Any] = {}
+    for split in splits:
+        f = split_path(spec.name, split, glue_dir)
+        out[split] = file_digest(f) if f.is_file() else None
+    if spec.name == "mnli" and eval_test:  # an MNLI run also predicts AX
+        f = split_path("ax", "test", glue_dir)
+        out["ax"] = file_digest(f) if f.is_file() else None
     return out
 
 
@@ -258,18 +296,22 @@ def resolve(cfg: FinetuneConfig) -> dict[str, Any]:
         if not _has_tokenizer(tok_dir):
             raise VegaError(f"model={cfg.model}: {tok_dir} has no tokenizer (tokenizer.json); pass tokenizer=PATH")
         tokenizer = str(tok_dir)
+    glue_dir = str(resolve_glue_dir(cfg.glue_dir).resolve())
     d = task_defaults(spec.name, cfg.defaults)
     optim = SET_OPTIM[cfg.defaults]
     out = to_dict(cfg)
     out.update(
         task=spec.name,
         model=str(model_dir),
-        model_fingerprint=_fingerprint(weights_dir),
+        model_fingerprint=_fingerprint(model_dir),
         model_type=model_type,
         init_from=str(init_dir) if init_dir else None,
+        init_fingerprint=_fingerprint(init_dir) if init_dir else None,
         tokenizer=tokenizer,
+        tokenizer_fingerprint=_tokenizer_fingerprint(tokenizer),
         backend=backend,
-        glue_dir=str(resolve_glue_dir(cfg.glue_dir).resolve()),
+        glue_dir=glue_dir,
+        data_fingerprint=_data_fingerprint(spec, glue_dir, cfg.eval_test),
         lr=cfg.lr if cfg.lr is not None else d.lr,
         epochs=cfg.epochs if cfg.epochs is not None else d.epochs,
         batch_size=cfg.batch_size if cfg.batch_size is not None else d.batch_size,
@@ -295,7 +337,7 @@ def _extra_train_key(path: str | None) -> dict[str, Any]:
     f = Path(path).expanduser()
     if not f.is_file():
         raise ConfigError(f"extra_train: no such file {path}")
-    return {"extra_train": str(f.resolve()), "extra_train_sha256": hashlib.sha256(f.read_bytes()).hexdigest()[:16]}
+    return {"extra_train": str(f.resolve()), "extra_train_sha256": file_digest(f)}
 
 
 def load_extra_train(path: str | Path, spec: TaskSpec) -> list:

@@ -149,8 +149,8 @@ def run_pretrain(cfg: RecipeConfig, out: str | Path, resume: bool = True, data_d
 
     result = {"recipe": cfg.name, "phases": summaries, "wall_s": time.time() - t0, "tokenizer": str(tok_dir)}
     if accelerator is None or accelerator.is_main_process:
-        # Re-exporting unchanged weights would still change the files' mtimes, which fine-tuning caches
-        # key on (finetune/runner.py `_fingerprint`): a re-run of a finished recipe would retrain GLUE.
+        # A re-run of a finished recipe keeps its export: rewriting unchanged weights only costs time
+        # (fine-tuning caches key on the weights' content, finetune/runner.py `_fingerprint`).
         previous = None if trained else _previous_export(out)
         if previous is not None:
             log.info("export: %s is complete, skipped", previous["model_path"])
