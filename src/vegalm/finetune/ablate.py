@@ -323,6 +323,7 @@ def run_one(combo: Combo, task: str, seed: int, *, base: dict, trick_args: dict,
         "config_hash": final["config_hash"],
         "run_dir": str(final_dir),
         "device": final.get("device"),
+        "device_name": final.get("device_name"),
         "created": final.get("created"),
     }
     return record, trained

@@ -664,6 +664,15 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def _device_info(device: torch.device) -> dict[str, Any]:
+    """Which machine produced a result: the device, its name (the GPU's, else the CPU's) and threads."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+    return {"device": str(device), "device_name": name, "cpu_threads": torch.get_num_threads()}
+
+
 # ----------------------------------------------------------------------------------------- the run
 
 
@@ -817,7 +826,7 @@ def run_finetune(cfg: FinetuneConfig | dict) -> dict[str, Any]:
         "timing": {"load_s": round(t_load, 2), "train_s": round(t_train, 2), "eval_s": round(t_eval, 2),
                    "wall_s": round(time.perf_counter() - t0, 2)},
         "versions": _versions(),
-        "device": str(device),
+        **_device_info(device),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": resolved,
     }
