@@ -7,6 +7,8 @@ does with MiniLM's, then sweeps a 2-layer random encoder on real WNLI (2 steps p
 from __future__ import annotations
 
 import base64
+import io
+import os
 import hashlib
 import importlib.util
 import json
@@ -133,3 +135,24 @@ def test_run_installs_the_wheel_sweeps_and_packs_the_results(tmp_path, tiny_dir,
     rc = gpu_sweep.main([*argv[:argv.index("--time-limit")], "--time-limit", "0.5", "max_train_samples=32"])
     assert rc == 1 and "stopped at the 0.5 s limit" in (out / "sweep.log").read_text()
     assert (out / "sweep.tgz").is_file()
+
+
+def test_mps_is_stopped_again_when_cuda_fails_under_it(tmp_path, monkeypatch):
+    """A control program that starts but leaves CUDA unusable (here: no GPU at all) is told to quit, and the
+    sweep goes on without MPS; a missing control program is reported as such."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA, where the probe must fail")
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\nif [ $# -gt 0 ]; then echo "$@" >> {calls}; else cat >> {calls}; fi\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "pipe"),
+           "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / "log")}
+    monkeypatch.setenv("PATH", f"{fake.parent}:{env['PATH']}")
+    log = io.StringIO()
+    assert gpu_sweep.start_mps(env, log) is None
+    assert calls.read_text().split("\n")[:2] == ["-d", "quit"] and "MPS: off" in log.getvalue()
+    monkeypatch.setattr(gpu_sweep.shutil, "which", lambda name: None)
+    log = io.StringIO()
+    assert gpu_sweep.start_mps(env, log) is None and "not found" in log.getvalue()

@@ -179,6 +179,42 @@ def _small_files(run_root: Path) -> list[Path]:
                   and "checkpoints" not in f.relative_to(run_root).parts)
 
 
+def start_mps(env: dict, log) -> str | None:
+    """Start CUDA MPS, so that kernels of the sweep's processes run side by side instead of taking turns
+    (a MiniLM step launches hundreds of small kernels that each fill a few of the 132 SMs). Kept only if a
+    CUDA probe then works; else MPS is stopped again and the sweep runs without it. Returns the control
+    program while MPS runs (`stop_mps` ends it), else None."""
+    exe = shutil.which("nvidia-cuda-mps-control") or next(
+        (str(p) for p in (Path("/usr/local/nvidia/bin/nvidia-cuda-mps-control"),) if p.is_file()), None)
+    if exe is None:
+        log.write("[gpu_sweep] MPS: nvidia-cuda-mps-control not found; processes share the GPU by time-slicing\n")
+        return None
+    for key in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
+        Path(env[key]).mkdir(parents=True, exist_ok=True)
+    started = subprocess.run([exe, "-d"], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    probe = None
+    if started.returncode == 0:
+        try:
+            probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.ones(8, device='cuda').sum().item())"],
+                                   env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=90)
+        except subprocess.TimeoutExpired:
+            probe = None
+    if probe is not None and probe.returncode == 0:
+        log.write("[gpu_sweep] MPS: on\n")
+        return exe
+    stop_mps(exe, env)
+    why = started.stderr.strip() if started.returncode else (probe.stderr.strip()[-300:] if probe else "probe hung")
+    log.write(f"[gpu_sweep] MPS: off ({why}); processes share the GPU by time-slicing\n")
+    return None
+
+
+def stop_mps(exe: str, env: dict) -> None:
+    try:
+        subprocess.run([exe], input="quit\n", env=env, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        pass  # the daemon goes with the machine
+
+
 def run(args: argparse.Namespace, settings: list[str]) -> int:
     import torch
 
@@ -192,7 +228,8 @@ def run(args: argparse.Namespace, settings: list[str]) -> int:
                     "--upgrade", "--target", str(args.site), str(wheel)], check=True)
     glue = (xfer / "glue").resolve()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(args.site)]),
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "CUDA_MPS_PIPE_DIRECTORY": "/tmp/vegalm-mps/pipe", "CUDA_MPS_LOG_DIRECTORY": "/tmp/vegalm-mps/log"}
     probe = ("import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,"
              " 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')")
     cmd = [sys.executable, "-m", "vegalm.cli", "ablate", "--model", args.model, "--tasks", args.tasks,
@@ -202,6 +239,13 @@ def run(args: argparse.Namespace, settings: list[str]) -> int:
     t0 = time.time()
     with open(log_path, "w", encoding="utf-8") as log:
         subprocess.run([sys.executable, "-c", probe], stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+        mps = None
+        if args.mps and torch.cuda.is_available():
+            log.flush()
+            try:
+                mps = start_mps(env, log)
+            except (OSError, subprocess.SubprocessError) as e:  # never let MPS cost the sweep
+                log.write(f"[gpu_sweep] MPS: off ({type(e).__name__}: {e})\n")
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
@@ -217,6 +261,8 @@ def run(args: argparse.Namespace, settings: list[str]) -> int:
             rc = None
             log.write(f"\n[gpu_sweep] stopped at the {args.time_limit} s limit; finished runs kept\n")
         log.write(f"\n[gpu_sweep] sweep rc {rc}, {time.time() - t0:.0f} s\n")
+        if mps:
+            stop_mps(mps, env)
     records = REPO / args.results_dir / args.tag
     runs = REPO / args.runs
     with tarfile.open(out_dir / "sweep.tgz", "w:gz") as tar:  # names as in the repo: untar at its root
@@ -255,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--results-dir", default="results/ablation", help="records folder, relative to the repo")
     r.add_argument("--time-limit", type=float, default=520, help="seconds before the sweep is stopped")
     r.add_argument("--allow-cpu", action="store_true", help="sweep even when torch sees no GPU (tests)")
+    r.add_argument("--no-mps", dest="mps", action="store_false", help="do not start CUDA MPS")
     args, settings = p.parse_known_args(argv)
     if args.cmd == "pack":
         if settings:
