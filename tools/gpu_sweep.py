@@ -137,6 +137,14 @@ def stash(args: argparse.Namespace) -> int:
     for f in src.iterdir():
         shutil.copyfile(f, dest / f.name)
     print(f"stashed {', '.join(sorted(f.name for f in src.iterdir()))} in {dest}")
+    try:  # what call 2 will find (it needs torch, transformers, accelerate, safetensors, sklearn, scipy)
+        import torch
+        import transformers
+
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+        print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, {gpu}")
+    except ImportError as e:
+        print(f"missing here: {e}")
     return 0
 
 
