@@ -35,7 +35,8 @@ _spec.loader.exec_module(gpu_sweep)
 def _wheel(dest: Path) -> Path:
     """A minimal valid wheel (pure Python, one module), in the layout pip installs."""
     files = {"vegalm_probe_pkg/__init__.py": b"VALUE = 42\n",
-             "vegalm_probe_pkg-0.1.dist-info/METADATA": b"Metadata-Version: 2.1\nName: vegalm-probe-pkg\nVersion: 0.1\n",
+             "vegalm_probe_pkg-0.1.dist-info/METADATA":
+                 b"Metadata-Version: 2.1\nName: vegalm-probe-pkg\nVersion: 0.1\n",
              "vegalm_probe_pkg-0.1.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
                                                      b"Tag: py3-none-any\n"}
     record = []
@@ -94,8 +95,9 @@ def tiny_dir(tmp_path) -> Path:
     from vegalm.model import EncoderConfig, VegaModel
 
     torch.manual_seed(0)
-    VegaModel(EncoderConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, position_buckets=32, initializer_range=0.5)).save_pretrained(tmp_path / "m")
+    config = EncoderConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, position_buckets=32, initializer_range=0.5)
+    VegaModel(config).save_pretrained(tmp_path / "m")
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(minilm_path() / name, tmp_path / "m" / name)
     return tmp_path / "m"

@@ -142,7 +142,8 @@ def stash(args: argparse.Namespace) -> int:
         import transformers
 
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
-        print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, {gpu}")
+        print(f"python {sys.version.split()[0]}, torch {torch.__version__}, "
+              f"transformers {transformers.__version__}, {gpu}")
     except ImportError as e:
         print(f"missing here: {e}")
     return 0
@@ -203,7 +204,8 @@ def start_mps(env: dict, log) -> str | None:
     probe = None
     if started.returncode == 0:
         try:
-            probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.ones(8, device='cuda').sum().item())"],
+            code = "import torch; print(torch.ones(8, device='cuda').sum().item())"
+            probe = subprocess.run([sys.executable, "-c", code],
                                    env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=90)
         except subprocess.TimeoutExpired:
             probe = None
