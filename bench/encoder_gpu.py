@@ -1,0 +1,143 @@
+"""Training-step speed and peak memory on a GPU: vegalm's encoder (sdpa / flex kernels) vs transformers'
+DebertaV2Model (eager, its only attention path), same weights, same run.
+
+    python bench/encoder_gpu.py                      # base config, bf16 + fp32, S128 / S512 / S2048 (~1-2 min)
+    python bench/encoder_gpu.py --flex               # also the FlexAttention kernel (compiles per shape)
+    python bench/encoder_gpu.py --device cpu --size tiny --repeats 1 --cases 2x64   # a smoke run on CPU
+
+A step is forward + backward + AdamW. The base config is DeBERTa-v3-base's shape (hidden 768, 12 layers,
+12 heads, FFN 3072, vocab 128k, 256 buckets, shared keys, dropout 0.1). The sides alternate step by step
+so that clock changes hit all of them; each time is the median of `--repeats` steps after 2 warm-up steps,
+with the device synchronised around each step. Peak memory is torch.cuda.max_memory_allocated() over
+one step minus the memory allocated before it (weights, grads and Adam state excluded once warm), i.e.
+activations and temporaries. `x HF` columns are ratios against transformers in the same run.
+The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
+
+COMMON = dict(relative_attention=True, position_buckets=256, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
+              share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
+              max_position_embeddings=512)  # fmt: skip
+SIZES = {
+    "base": dict(vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, **COMMON),
+    "tiny": dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=128, **COMMON),
+}  # fmt: skip
+
+
+def build(size: str, device: str, impls: list[str]) -> dict[str, torch.nn.Module]:
+    """{'hf': DebertaV2Model, 'ours-<impl>': VegaModel with that kernel}, all with the same random weights."""
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    from vegalm.model import VegaModel
+
+    torch.manual_seed(0)
+    hf = DebertaV2Model(DebertaV2Config(**SIZES[size]))
+    models = {"hf": hf}
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        for impl in impls:
+            ours = VegaModel.from_pretrained(d)
+            for mod in ours.modules():
+                if hasattr(mod, "impl"):
+                    mod.impl = impl
+            models[f"ours-{impl}"] = ours
+    return {k: m.to(device).train() for k, m in models.items()}
+
+
+def make_step(model, B: int, L: int, dtype: str, device: str):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, model.config.vocab_size, (B, L), generator=g).to(device)
+    mask = torch.ones(B, L, dtype=torch.long, device=device)
+    amp = torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+    def step():
+        with amp:
+            h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        h.float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(models: dict, B: int, L: int, dtype: str, device: str, repeats: int, warmup: int = 2) -> dict:
+    """name -> {"s": median step seconds, "mem_mb": peak extra memory of one step (CUDA only)}."""
+    steps = {n: make_step(m, B, L, dtype, device) for n, m in models.items()}
+    times: dict[str, list[float]] = {n: [] for n in models}
+    mem: dict[str, float | None] = {n: None for n in models}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            _sync(device)
+            if device == "cuda" and i == warmup:
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            t = time.perf_counter()
+            step()
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+            if device == "cuda" and i == warmup:
+                mem[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return {n: {"s": statistics.median(v), "mem_mb": mem[n]} for n, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--size", default="base", choices=sorted(SIZES))
+    ap.add_argument("--cases", default="32x128,8x512,2x2048", help="BxL,... (batch x sequence length)")
+    ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--flex", action="store_true", help="also time the FlexAttention kernel (compiles per shape)")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device (use --device cpu for a smoke run)")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
+    impls = ["sdpa"] + (["flex"] if args.flex else [])
+    models = build(args.size, args.device, impls)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"{name}, torch {torch.__version__}, size {args.size}, median of {args.repeats} steps")
+    print(f"{'case':<12}{'dtype':<6}" + "".join(f"{n + ' ms':>16}" for n in models)
+          + "".join(f"{n + ' x HF':>16}" for n in models if n != "hf")
+          + "".join(f"{n + ' MB':>16}" for n in models))  # fmt: skip
+    rows = []
+    for dtype in args.dtypes.split(","):
+        for case in args.cases.split(","):
+            B, L = (int(x) for x in case.split("x"))
+            r = measure(models, B, L, dtype, args.device, args.repeats)
+            rows.append({"case": f"B{B}xS{L}", "dtype": dtype, **{f"{n}_ms": round(v["s"] * 1e3, 2) for n, v in r.items()},
+                         **{f"{n}_speedup": round(r["hf"]["s"] / v["s"], 3) for n, v in r.items() if n != "hf"},
+                         **{f"{n}_mem_mb": (round(v["mem_mb"], 1) if v["mem_mb"] is not None else None)
+                            for n, v in r.items()}})  # fmt: skip
+            mb = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
+            print(f"B{B}xS{L:<8}{dtype:<6}" + "".join(f"{v['s'] * 1e3:>16.1f}" for v in r.values())
+                  + "".join(f"{r['hf']['s'] / v['s']:>15.2f}x" for n, v in r.items() if n != "hf")
+                  + "".join(f"{mb(v['mem_mb']):>16}" for v in r.values()), flush=True)  # fmt: skip
+    print(json.dumps({"device": name, "size": args.size, "repeats": args.repeats, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
