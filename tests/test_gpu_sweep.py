@@ -132,6 +132,11 @@ def test_run_installs_the_wheel_sweeps_and_packs_the_results(tmp_path, tiny_dir,
     assert rec["pseudo"]["selected"] > 0 and rec["device"] == "cpu" and rec["overrides"]["max_steps"] == 2
     assert "2 record(s)" in capsys.readouterr().out  # vanilla and transductive
 
+    home = tmp_path / "home"  # back on the development machine: extract, then the table
+    assert gpu_sweep.main(["unpack", str(out / "sweep.tgz"), "--dest", str(home)]) == 0
+    assert json.loads((home / "results/tiny/transductive__wnli__seed0.json").read_text()) == rec
+    assert (home / "gpu-abl/vanilla/wnli/seed0/test_logits.npy").is_file()
+
     # stopped at the time limit: the archive and the log still come back
     shutil.rmtree(runs)
     rc = gpu_sweep.main([*argv[:argv.index("--time-limit")], "--time-limit", "0.5", "max_train_samples=32"])

@@ -10,7 +10,8 @@ parts, over two calls to the same machine, which stays warm for 30 s after a cal
         tests/test_cuda.py; timeout 120 python3 bench/encoder_gpu.py | tee $OUT/encoder_gpu.txt
     # call 2, at once, carry [".xfer/b", ".xfer/glue", "runs/gpu-abl"] (the last to continue a sweep):
     python3 tools/gpu_sweep.py run --out-dir $OUT --jobs 16 --time-limit 480 mixed_precision=bf16
-    # here again: tar xzf <files_at>/sweep.tgz   (records -> results/ablation/<tag>/, runs -> runs/gpu-abl/)
+    # here again: records -> results/ablation/<tag>/, runs -> runs/gpu-abl/, then the table
+    python tools/gpu_sweep.py unpack <files_at>/sweep.tgz
 
 `run` checks both parts against the sha256 in the manifest (a machine that went cold in between lost
 part a: it says so and stops before any work), installs the wheel with pip into /tmp/vegalm-site (no
@@ -290,6 +291,20 @@ def run(args: argparse.Namespace, settings: list[str]) -> int:
     return 0 if rc == 0 else 1
 
 
+def unpack(args: argparse.Namespace) -> int:
+    """Extract sweep.tgz at the repo root (records and run folders, as `run` named them), then print the table."""
+    dest = Path(args.dest)
+    with tarfile.open(args.archive) as tar:
+        names = tar.getnames()
+        tar.extractall(dest, filter="data")  # "data": no absolute paths, links out or device files
+    tags = sorted({Path(n).parent for n in names if n.endswith(".json") and "__seed" in Path(n).name})
+    print(f"extracted {len(names)} file(s) into {dest}")
+    for tag in tags:
+        subprocess.run([sys.executable, "-m", "vegalm.cli", "ablate", "--summary", str(dest / tag)], check=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--xfer", default=str(XFER), help="transfer folder in the repo (git-ignored)")
@@ -315,7 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--time-limit", type=float, default=480, help="seconds before the sweep is stopped")
     r.add_argument("--allow-cpu", action="store_true", help="sweep even when torch sees no GPU (tests)")
     r.add_argument("--no-mps", dest="mps", action="store_false", help="do not start CUDA MPS")
+    u = sub.add_parser("unpack", help="here, after call 2: extract sweep.tgz and print the table")
+    u.add_argument("archive", help="the sweep.tgz that call 2 returned")
+    u.add_argument("--dest", default=str(REPO), help="where to extract (default: the repo root)")
     args, settings = p.parse_known_args(argv)
+    if args.cmd == "unpack":
+        if settings:
+            p.error(f"unexpected arguments: {' '.join(settings)}")
+        return unpack(args)
     if args.cmd == "pack":
         if settings:
             p.error(f"unexpected arguments: {' '.join(settings)}")
