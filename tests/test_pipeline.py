@@ -46,7 +46,7 @@ def vegalm_run(out: Path) -> tuple[subprocess.CompletedProcess, float]:
 
 def frozen_files(out: Path) -> list[Path]:
     """Outputs of finished stages that a re-run must leave alone (it rewrites only the summaries and report).
-    The exported models count: fine-tuning caches key on their files' mtimes."""
+    The exported models count: a rewritten export would cost time (fine-tuning caches key on its content)."""
     files = [out / "tokenizer" / "tokenizer.json", out / "data" / "meta.json", out / "data" / "input_ids.npy"]
     for name, folder in MODELS.items():
         files += [out / name / folder / "config.json", out / name / folder / "model.safetensors"]
