@@ -21,8 +21,8 @@ and the runs' small files (results.json, logits, predictions, pseudo-labels, met
 weights) into OUT/sweep.tgz, with the sweep's log as OUT/sweep.log. The cache keys hash model and data by
 content, so `runs/gpu-abl` carried to the next machine is reused there and only missing runs train.
 
-Why bf16 on the GPU: MiniLM runs are small, and 16 of them side by side are bound by fp32 matrix work
-on one H100; bf16 autocast cuts that work. `adv` (SiFT) perturbs by 1e-2 of a unit-variance vector,
+Why bf16 on the GPU: by a FLOP count (not a measurement), 16 MiniLM runs side by side would be bound by
+fp32 matrix work on one H100; bf16 autocast cuts that work. `adv` (SiFT) perturbs by 1e-2 of a unit-variance vector,
 which bf16 keeps (tricks/adversarial.py, precision note). Every record keeps its device and settings.
 """
 

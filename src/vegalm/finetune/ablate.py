@@ -40,8 +40,9 @@ teacher in .../seed<k>/teacher/ unless shared with vanilla, its pseudo-labels in
 so an interrupted sweep continues where it stopped. Runs go seed-major (every task and combo for seed 0
 first), so a stopped sweep still has a complete one-seed table. `--jobs N` runs N jobs at once in worker
 processes (`plan_jobs`: combos that share folders stay in one job; longest first within a seed): a small
-model leaves a big GPU mostly idle, and a dozen runs side by side fill it. Cache keys hash the model and
-data by content (finetune/runner.py), so out/ carried to another machine is reused there. Each finished
+model leaves a big GPU mostly idle, and several runs side by side use more of it (not yet timed on a
+GPU). Cache keys hash the model and data by content (finetune/runner.py), so out/ carried to another
+machine is reused there. Each finished
 run also writes a small JSON record to <results-dir>/<model-tag>/<combo>__<task>__seed<k>.json (dev
 metrics, task score, wall time, calibration, config hash, device, pseudo-label counts); those files are
 meant to be committed, and `--summary` rebuilds the table from them alone.
@@ -444,7 +445,7 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
     `overrides` are FinetuneConfig fields for every run (`save_model` defaults to False); `progress=False`
     also hides the sweep's bar. `jobs` > 1 runs that many jobs at once in spawned worker processes (see
     `plan_jobs`; on a CPU each gets cores // jobs threads unless OMP_NUM_THREADS is set): small models
-    leave a big GPU mostly idle, and a dozen runs side by side fill it. Returns `summarize(records)`."""
+    leave a big GPU mostly idle, and several runs side by side use more of it. Returns `summarize(records)`."""
     from tqdm.auto import tqdm
 
     from vegalm.config import from_dict
