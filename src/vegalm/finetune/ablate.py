@@ -42,10 +42,10 @@ first), so a stopped sweep still has a complete one-seed table. `--jobs N` runs 
 processes (`plan_jobs`: combos that share folders stay in one job; longest first within a seed): a small
 model leaves a big GPU mostly idle, and several runs side by side use more of it (not yet timed on a
 GPU). Cache keys hash the model and data by content (finetune/runner.py), so out/ carried to another
-machine is reused there. Each finished
-run also writes a small JSON record to <results-dir>/<model-tag>/<combo>__<task>__seed<k>.json (dev
-metrics, task score, wall time, calibration, config hash, device, pseudo-label counts); those files are
-meant to be committed, and `--summary` rebuilds the table from them alone.
+machine is reused there. Each finished run also writes a small JSON record to
+<results-dir>/<model-tag>/<combo>__<task>__seed<k>.json (dev metrics, task score, wall time, calibration,
+config hash, device, pseudo-label counts); those files are meant to be committed, and `--summary`
+rebuilds the table from them alone.
 
 Report (printed, and written to out/ablation.md, out/ablation.json, out/ablation.png): per task and combo
 the mean ± std (sample, ddof 1) and median of the dev task score over seeds; the task average (a two-metric
