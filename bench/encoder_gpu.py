@@ -127,10 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         for case in args.cases.split(","):
             B, L = (int(x) for x in case.split("x"))
             r = measure(models, B, L, dtype, args.device, args.repeats)
-            rows.append({"case": f"B{B}xS{L}", "dtype": dtype, **{f"{n}_ms": round(v["s"] * 1e3, 2) for n, v in r.items()},
-                         **{f"{n}_speedup": round(r["hf"]["s"] / v["s"], 3) for n, v in r.items() if n != "hf"},
-                         **{f"{n}_mem_mb": (round(v["mem_mb"], 1) if v["mem_mb"] is not None else None)
-                            for n, v in r.items()}})  # fmt: skip
+            row = {"case": f"B{B}xS{L}", "dtype": dtype}
+            for n, v in r.items():
+                row[f"{n}_ms"] = round(v["s"] * 1e3, 2)
+                if n != "hf":
+                    row[f"{n}_speedup"] = round(r["hf"]["s"] / v["s"], 3)
+                row[f"{n}_mem_mb"] = round(v["mem_mb"], 1) if v["mem_mb"] is not None else None
+            rows.append(row)
             mb = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
             print(f"B{B}xS{L:<8}{dtype:<6}" + "".join(f"{v['s'] * 1e3:>16.1f}" for v in r.values())
                   + "".join(f"{r['hf']['s'] / v['s']:>15.2f}x" for n, v in r.items() if n != "hf")
