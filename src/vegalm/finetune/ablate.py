@@ -644,7 +644,12 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         for p in per_task.values():
             p["skipped"] = sorted(p["skipped"])
     models = sorted({str(r.get("model")) for r in records})
-    overrides = sorted({json.dumps(r.get("overrides", {}), sort_keys=True) for r in records})
+    from vegalm.finetune.runner import UNHASHED
+
+    # settings that change results; a record from before a key joined UNHASHED (glue_dir: data are hashed
+    # by content now) may still list it
+    overrides = sorted({json.dumps({k: v for k, v in r.get("overrides", {}).items() if k not in UNHASHED},
+                                   sort_keys=True) for r in records})
     summary = {
         "models": models,
         "model_tags": sorted({str(r.get("model_tag")) for r in records}),
