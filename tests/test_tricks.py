@@ -210,18 +210,19 @@ def test_selfcal_pskd_targets(num_labels):
     total, logs = trick.loss(model, batch, out, loss)  # first visit: alpha 0 and nothing stored yet
     assert torch.allclose(total, loss) and logs["selfcal/alpha"] == 0.0
     first = out.logits.detach()
-    trick.on_step_end(model, 5, 10)  # alpha_t = 0.8 * 5/10
+    trick.on_step_end(model, 5, 10)  # alpha_t = alpha_T * 5/10
+    a = trick.args.alpha_T / 2
     batch2 = make_batch(num_labels)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     out2, loss2 = clean_step(model, batch2, num_labels)
     total2, logs2 = trick.loss(model, batch2, out2, loss2)
-    assert logs2["selfcal/alpha"] == pytest.approx(0.4)
+    assert logs2["selfcal/alpha"] == pytest.approx(a) and a > 0
     if num_labels == 1:
-        want = 0.6 * batch2["labels"] + 0.4 * first.squeeze(-1)
+        want = (1 - a) * batch2["labels"] + a * first.squeeze(-1)
     else:
-        want = 0.6 * F.one_hot(batch2["labels"], 2).float() + 0.4 * F.softmax(first, -1)
+        want = (1 - a) * F.one_hot(batch2["labels"], 2).float() + a * F.softmax(first, -1)
     assert torch.allclose(batch2[SOFT_TARGETS], want, atol=1e-6)
     assert torch.allclose(total2, task_loss(out2.logits, batch2, num_labels, targets=want), atol=1e-6)
     model.zero_grad()
