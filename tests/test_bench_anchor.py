@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from _bench import load_bench
 from accelerate.state import AcceleratorState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,15 +14,8 @@ GLUE_DIR = ROOT.parent / "shared" / "data" / "glue"
 pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("glue_anchor", ROOT / "bench" / "glue_anchor.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_anchor_sides_merge_and_summary(tmp_path, capsys):
-    bench = _bench()
+    bench = load_bench("glue_anchor")
     common = ["--task", "cola", "--seed", "3", "--max-train-samples", "32", "--threads", "1", "--no-progress",
               "--glue-dir", str(GLUE_DIR), "--out", str(tmp_path)]
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -45,7 +38,7 @@ def test_anchor_sides_merge_and_summary(tmp_path, capsys):
 
 
 def test_speed_check_counts_padded_tokens(capsys):
-    bench = _bench()
+    bench = load_bench("glue_anchor")
     AcceleratorState._reset_state(reset_partial_state=True)
     argv = ["--task", "mrpc", "--seed", "1", "--max-train-samples", "32", "--threads", "1", "--no-progress",
             "--glue-dir", str(GLUE_DIR), "--repeats", "2"]

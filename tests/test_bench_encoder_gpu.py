@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
-from pathlib import Path
 
 import torch
+from _bench import load_bench
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("encoder_gpu", REPO / "bench" / "encoder_gpu.py")
-encoder_gpu = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(encoder_gpu)
+encoder_gpu = load_bench("encoder_gpu")
 
 
 def test_smoke_on_cpu_same_weights_and_json_line():

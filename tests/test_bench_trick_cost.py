@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from _bench import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE_DIR = ROOT.parent / "shared" / "data" / "glue"
@@ -14,21 +14,14 @@ pytestmark = [pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data 
               pytest.mark.usefixtures("fresh_accelerate")]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("trick_cost", ROOT / "bench" / "trick_cost.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_step_seconds_reads_the_log(tmp_path):
     f = tmp_path / "metrics.jsonl"
     f.write_text("\n".join(json.dumps({"step": s, "elapsed": e}) for s, e in [(10, 5.0), (14, 9.0)]) + "\n")
-    assert _bench().step_seconds(f, 14) == 1.0
+    assert load_bench("trick_cost").step_seconds(f, 14) == 1.0
 
 
 def test_two_combos_on_minilm(tmp_path, capsys):
-    bench = _bench()
+    bench = load_bench("trick_cost")
     out = tmp_path / "cost.json"
     argv = ["--task", "mrpc", "--combos", "vanilla,r3f", "--steps", "12", "--batch-size", "4", "--threads", "1",
             "--glue-dir", str(GLUE_DIR), "--out", str(out)]

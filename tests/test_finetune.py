@@ -145,7 +145,11 @@ def test_length_grouping_is_deterministic_and_resumable():
 def test_rte_run_outputs_and_cache(tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / "rte"
     cfg = FinetuneConfig(task="rte", model=str(tiny_dir), out=str(out), **FAST)
+    grouped = []
+    monkeypatch.setattr("vegalm.finetune.runner.enable_length_grouping",
+                        lambda sampler, lengths: grouped.append(len(lengths)))
     res = run_finetune(cfg)
+    assert grouped == [64]  # defaults=vega groups batches by length
     saved = json.loads((out / "results.json").read_text())
     assert saved["config_hash"] == res["config_hash"] and res["cached"] is False
     assert saved["train"]["steps"] == 3 and saved["num_train_examples"] == 64
@@ -173,6 +177,9 @@ def test_rte_run_outputs_and_cache(tiny_dir, tmp_path, monkeypatch):
     again = run_finetune(cfg)
     assert again["cached"] is True and again["dev"] == saved["dev"]
     assert resolve(dataclasses.replace(cfg, lr=1e-4)) == resolve(cfg)  # the default, spelled out: same key
+    assert resolve(dataclasses.replace(cfg, group_by_length=True)) == resolve(cfg)
+    assert resolve(dataclasses.replace(cfg, group_by_length=False))["group_by_length"] is False
+    assert resolve(dataclasses.replace(cfg, defaults="run_glue"))["group_by_length"] is False  # as transformers
     with pytest.raises(AssertionError, match="must not train"):  # a changed setting is a new run
         run_finetune(dataclasses.replace(cfg, seed=7))
 

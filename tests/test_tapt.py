@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,20 @@ def test_tapt_trains_exports_and_caches(pretrained, tmp_path):
     mtime = (out / "discriminator" / "model.safetensors").stat().st_mtime_ns
     again = run_tapt(cfg)
     assert again["cached"] and (out / "discriminator" / "model.safetensors").stat().st_mtime_ns == mtime
+
+    # the cache follows content, not paths: the same pair, data and OUT copied elsewhere (new mtimes) match
+    moved = tmp_path / "moved"
+    for name in ("discriminator", "generator"):
+        shutil.copytree(pretrained / name, moved / "pt" / name)
+    shutil.copytree(GLUE_DIR / "WNLI", moved / "glue" / "WNLI")
+    shutil.copytree(out, moved / "tapt")
+    elsewhere = [f"glue_dir={moved / 'glue'}", *settings[1:]]
+    cfg2 = load_tapt_config(None, ["task=wnli", f"model={moved / 'pt' / 'discriminator'}", f"out={moved / 'tapt'}",
+                                   *elsewhere])
+    assert run_tapt(cfg2)["cached"]
+    with open(moved / "glue" / "WNLI" / "test.tsv", "a", encoding="utf-8") as f:  # one more test sentence
+        f.write("9999\tA new premise .\tA new hypothesis .\n")
+    assert not run_tapt(cfg2)["cached"]
 
 
 def test_tapt_refuses_models_without_generator(pretrained, tmp_path):

@@ -82,7 +82,7 @@ from vegalm.errors import VegaError
 from vegalm.finetune.metrics import compute_metrics, task_score
 from vegalm.finetune.wnli import TREATMENTS as WNLI_TREATMENTS
 from vegalm.finetune.wnli import apply_treatment
-from vegalm.finetune.tasks import DEFAULT_SETS, SET_OPTIM, Collator, GlueDataset, enable_length_grouping, task_defaults
+from vegalm.finetune.tasks import DEFAULT_SETS, SET_WIDE, Collator, GlueDataset, enable_length_grouping, task_defaults
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class FinetuneConfig:
     init_from: str | None = None  # a fine-tuned model folder (intermediate-task transfer)
     tricks: list[str] = field(default_factory=list)
     trick_args: dict[str, dict] = field(default_factory=dict)
-    group_by_length: bool = False
+    group_by_length: bool | None = None  # None: on for defaults=vega, off for run_glue
     eval_batch_size: int = 64
     eval_test: bool = True
     save_model: bool = True
@@ -243,7 +243,7 @@ def file_digest(path: Path) -> str:
     return _DIGESTS[memo]
 
 
-def _fingerprint(path: Path, patterns: tuple[str, ...] = WEIGHT_FILES) -> list:
+def fingerprint(path: Path, patterns: tuple[str, ...] = WEIGHT_FILES) -> list:
     """[name, size, sha256] of the files in a folder that match `patterns`, sorted by name."""
     files = sorted({f for pat in patterns for f in path.glob(pat) if f.is_file()})
     return [[f.name, f.stat().st_size, file_digest(f)] for f in files]
@@ -253,7 +253,7 @@ def _tokenizer_fingerprint(tokenizer: str) -> list | str:
     """The tokenizer's files by content; a Hub id stays a name (transformers fetches its files later)."""
     path = Path(tokenizer)
     if path.is_dir():
-        return _fingerprint(path, TOKENIZER_FILES)
+        return fingerprint(path, TOKENIZER_FILES)
     return [[path.name, path.stat().st_size, file_digest(path)]] if path.is_file() else tokenizer
 
 
@@ -298,15 +298,15 @@ def resolve(cfg: FinetuneConfig) -> dict[str, Any]:
         tokenizer = str(tok_dir)
     glue_dir = str(resolve_glue_dir(cfg.glue_dir).resolve())
     d = task_defaults(spec.name, cfg.defaults)
-    optim = SET_OPTIM[cfg.defaults]
+    wide = SET_WIDE[cfg.defaults]
     out = to_dict(cfg)
     out.update(
         task=spec.name,
         model=str(model_dir),
-        model_fingerprint=_fingerprint(model_dir),
+        model_fingerprint=fingerprint(model_dir),
         model_type=model_type,
         init_from=str(init_dir) if init_dir else None,
-        init_fingerprint=_fingerprint(init_dir) if init_dir else None,
+        init_fingerprint=fingerprint(init_dir) if init_dir else None,
         tokenizer=tokenizer,
         tokenizer_fingerprint=_tokenizer_fingerprint(tokenizer),
         backend=backend,
@@ -317,8 +317,9 @@ def resolve(cfg: FinetuneConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size if cfg.batch_size is not None else d.batch_size,
         warmup_ratio=cfg.warmup_ratio if cfg.warmup_ratio is not None else d.warmup_ratio,
         max_length=cfg.max_length if cfg.max_length is not None else d.max_length,
-        weight_decay=cfg.weight_decay if cfg.weight_decay is not None else optim["weight_decay"],
-        adam_eps=cfg.adam_eps if cfg.adam_eps is not None else optim["adam_eps"],
+        weight_decay=cfg.weight_decay if cfg.weight_decay is not None else wide["weight_decay"],
+        adam_eps=cfg.adam_eps if cfg.adam_eps is not None else wide["adam_eps"],
+        group_by_length=cfg.group_by_length if cfg.group_by_length is not None else wide["group_by_length"],
         trick_args={name: to_dict(args) for name, (_, args) in _trick_classes(cfg).items()},
     )
     out.update(_extra_train_key(cfg.extra_train))
@@ -772,7 +773,7 @@ def run_finetune(cfg: FinetuneConfig | dict) -> dict[str, Any]:
     trainer = Trainer(model, objective, train_ds, collate, tcfg, out, param_groups=param_groups, callbacks=[hooks])
     # after the Trainer moved the model to its device, so the average lives beside the weights
     ema = hooks.ema = _EMA(trainer.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if cfg.group_by_length:
+    if resolved["group_by_length"]:
         enable_length_grouping(trainer.sampler, train_ds.lengths)
     t_load = time.perf_counter() - t0
     summary = trainer.train(resume=resume)
@@ -909,6 +910,7 @@ __all__ = [
     "resolve",
     "config_hash",
     "cached_results",
+    "fingerprint",
     "minilm_path",
     "resolve_model_dir",
     "build_model",

@@ -29,11 +29,15 @@ Defaults (TaptConfig) and why:
   * objective: RTD with lambda 50 and 15% masking, as in phase 1; cl_weight 0 (the SimCSE term of
     phase 2 can be switched on with objective.cl_weight=...).
 Outputs: OUT/discriminator (fine-tune this), OUT/generator, OUT/train/ (metrics.jsonl, tb/), OUT/summary.json.
-A finished OUT is skipped on a rerun; an interrupted one resumes from its latest checkpoint.
+A finished OUT is skipped on a rerun when its settings match; an interrupted one resumes from its latest
+checkpoint. The settings compared are TaptConfig with its paths replaced by content: the sha256 of the
+discriminator's and generator's weights and configs and of the task text, so a copied or moved model,
+data folder or OUT is still a match, and a changed byte in any of them is not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -125,6 +129,17 @@ def load_rtd_pair(disc_dir: Path, gen_dir: Path, obj: ObjectiveConfig, tokenizer
     return RTDModel.from_parts(gen, disc, obj, tokenizer.mask_token_id, special)
 
 
+def cache_settings(cfg: TaptConfig, disc_dir: Path, gen_dir: Path, doc: str) -> dict:
+    """What a finished run must match to be reused: the config without its paths, plus the content of
+    the models and of the task text they point to."""
+    from vegalm.finetune.runner import fingerprint
+
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("model", "generator", "glue_dir", "out")}
+    settings.update(discriminator=fingerprint(disc_dir), generator=fingerprint(gen_dir),
+                    texts_sha256=hashlib.sha256(doc.encode("utf-8")).hexdigest()[:16])
+    return settings
+
+
 def run_tapt(cfg: TaptConfig | dict, resume: bool = True) -> dict:
     """Continue RTD on the task's text; export OUT/discriminator and OUT/generator. Returns the summary."""
     from transformers import AutoTokenizer
@@ -138,7 +153,11 @@ def run_tapt(cfg: TaptConfig | dict, resume: bool = True) -> dict:
     spec = get_task(cfg.task)
     out = Path(cfg.out)
     disc_dir, gen_dir = resolve_pair(cfg.model, cfg.generator)
-    settings = to_dict(cfg)
+    texts = task_texts(spec.name, str(resolve_glue_dir(cfg.glue_dir)))
+    if not texts:
+        raise VegaError(f"tapt: {spec.name} has no text under {resolve_glue_dir(cfg.glue_dir)}")
+    doc = "".join(" ".join(t.split()) + "\n\n" for t in texts)  # one sentence per document
+    settings = cache_settings(cfg, disc_dir, gen_dir, doc)
     prev = _previous_export(out)
     done = _done(out / "train")
     if prev is not None and done is not None and done.get("config") == settings:
@@ -149,10 +168,6 @@ def run_tapt(cfg: TaptConfig | dict, resume: bool = True) -> dict:
         shutil.rmtree(out / "train")
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    texts = task_texts(spec.name, str(resolve_glue_dir(cfg.glue_dir)))
-    if not texts:
-        raise VegaError(f"tapt: {spec.name} has no text under {resolve_glue_dir(cfg.glue_dir)}")
-    doc = "".join(" ".join(t.split()) + "\n\n" for t in texts)  # one sentence per document
     txt = out / "texts.txt"
     if not txt.is_file() or txt.read_text(encoding="utf-8") != doc:
         txt.write_text(doc, encoding="utf-8")
