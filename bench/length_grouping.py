@@ -1,18 +1,22 @@
-"""Fine-tuning epoch time with random batches vs length-grouped batches (the vega default), same process.
+"""Fine-tuning epoch time: random batches vs length-sorted micro-batches vs length-grouped batches.
 
-    python bench/length_grouping.py                          # MiniLM-L6, RTE, 1 thread
-    python bench/length_grouping.py --task stsb --steps 12 --repeats 5 --threads 2
+    python bench/length_grouping.py                          # MiniLM-L6, RTE, 1 thread, micro-batches of 4
+    python bench/length_grouping.py --task stsb --steps 12 --repeats 5 --threads 2 --micro 2
     python bench/length_grouping.py --out results/length_grouping/minilm-l6-rte.json     # keep the record
 
-Both arms batch the same epoch of the task's train set (the Trainer's seeded permutation, batch = the
-task's vega batch size): `random` cuts that permutation into batches as they come, `grouped` first
-reorders it with `length_grouped_permutation` (vegalm/finetune/tasks.py), as `group_by_length=true` does.
-Every batch is padded to its longest member (the Collator), so the epoch's padded tokens are exact and
-printed for both. Time is measured, not modelled: each repeat times `--steps` full training steps per arm
-(forward, backward, AdamW step; fp32) after 2 warm-up steps, on batches drawn stratified by padded size
-(one per stratum of equal count; an arm's epoch time is the sum of stratum size x timed step). The arms alternate which
-goes first. Printed: the median over repeats of each arm's epoch estimate and the median of the per-repeat
-ratios random/grouped. The last stdout line is one JSON object.
+All arms train on the same epoch of the task's train set (the Trainer's seeded permutation; batch = the
+task's vega batch size), one AdamW step per batch, fp32:
+  random   the permutation cut into batches as they come (grad_accum=1, the default);
+  micro    the same batches, each sorted by length and cut into `--micro` micro-batches whose gradients
+           are accumulated (`grad_accum=k`, tasks.sort_within_batches): the same examples per step;
+  grouped  the permutation reordered by `length_grouped_permutation` (`group_by_length=true`): other
+           batches, of similar lengths.
+Every (micro-)batch is padded to its longest member (the Collator), so the padded tokens are exact and
+printed per arm. Time is measured, not modelled: each repeat times `--steps` whole steps per arm (after 2
+warm-up steps) on steps drawn stratified by padded size (one per stratum of equal count; an arm's epoch
+time is the sum of stratum size x timed step). The arms rotate which goes first. Printed: the median over
+repeats of each arm's epoch estimate and the median of the per-repeat ratios random / arm. The last
+stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -32,15 +36,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 WARMUP = 2  # untimed steps per arm and repeat (allocator and thread-pool warm-up)
 
 
-def epoch_batches(lengths: list[int], batch: int, seed: int, grouped: bool) -> list[list[int]]:
-    """One epoch's batches (tail dropped, as the Trainer's sampler does)."""
-    from vegalm.finetune.tasks import GROUP_CHUNK, length_grouped_permutation
+ARMS = ("random", "micro", "grouped")
+
+
+def epoch_steps(lengths: list[int], batch: int, seed: int, arm: str, micro: int = 4) -> list[list[list[int]]]:
+    """One epoch as steps, each a list of micro-batches of dataset indices (tail dropped, as the sampler does)."""
+    from vegalm.finetune.tasks import GROUP_CHUNK, length_grouped_permutation, sort_within_batches
 
     perm = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed))
-    if grouped:
+    k = 1
+    if arm == "grouped":
         perm = length_grouped_permutation(perm, lengths, batch, seed * 1_000_003, GROUP_CHUNK)
+    elif arm == "micro":
+        perm, k = sort_within_batches(perm, lengths, batch), micro
     order = perm.tolist()
-    return [order[i : i + batch] for i in range(0, len(order) - len(order) % batch, batch)]
+    size = batch // k
+    return [[order[i + j * size : i + (j + 1) * size] for j in range(k)]
+            for i in range(0, len(order) - len(order) % batch, batch)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,10 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--glue-dir", default=None)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--micro", type=int, default=4, help="micro-batches per batch in the `micro` arm")
     p.add_argument("--out", default=None, help="also write the JSON record here")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.repeats < 1:
-        p.error("--steps and --repeats: must be >= 1")
+    if args.steps < 1 or args.repeats < 1 or args.micro < 1:
+        p.error("--steps, --repeats and --micro: must be >= 1")
     torch.set_num_threads(args.threads)
 
     from vegalm.config import load_config
@@ -79,48 +92,55 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     collate = Collator(tok.pad_token_id)
     lengths = ds.lengths
-    arms = {name: epoch_batches(lengths, r["batch_size"], args.seed, name == "grouped") for name in ("random", "grouped")}
-    padded = {name: sum(max(lengths[i] for i in b) * len(b) for b in bs) for name, bs in arms.items()}
-    real = sum(lengths[i] for b in arms["random"] for i in b)
+    if r["batch_size"] % args.micro:
+        p.error(f"--micro: {args.micro} does not divide the batch size {r['batch_size']}")
+    arms = {arm: epoch_steps(lengths, r["batch_size"], args.seed, arm, args.micro) for arm in ARMS}
 
-    def step(idx: list[int]) -> None:
-        batch = collate([ds[i] for i in idx])
-        batch.pop("index")
-        loss = model(**batch).loss
-        loss.backward()
+    def padded_tokens(st: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in mb) * len(mb) for mb in st)
+
+    padded = {arm: sum(padded_tokens(st) for st in steps) for arm, steps in arms.items()}
+    real = sum(lengths[i] for st in arms["random"] for mb in st for i in mb)
+
+    def step(st: list[list[int]]) -> None:
+        for mb in st:
+            batch = collate([ds[i] for i in mb])
+            batch.pop("index")
+            (model(**batch).loss / len(st)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    # Stratified draw: an arm's batches sorted by padded size and cut into `--steps` strata of (nearly) equal
-    # count; one batch per stratum is timed and stands for its stratum. Unbiased, and far less noisy than a
-    # plain random draw when batch sizes in tokens span 10x (as grouped batches do).
-    strata = {name: [s.tolist() for s in np.array_split(np.argsort([max(lengths[i] for i in b) for b in bs]),
-                                                      min(args.steps, len(bs)))] for name, bs in arms.items()}
+    # Stratified draw: an arm's steps sorted by padded size and cut into `--steps` strata of (nearly) equal
+    # count; one step per stratum is timed and stands for its stratum. Unbiased, and far less noisy than a
+    # plain random draw when step sizes in tokens span 10x (as grouped batches do).
+    strata = {arm: [x.tolist() for x in np.array_split(np.argsort([padded_tokens(st) for st in steps]),
+                                                      min(args.steps, len(steps)))] for arm, steps in arms.items()}
     rng = np.random.default_rng(args.seed + 1)
-    est: dict[str, list[float]] = {"random": [], "grouped": []}
+    est: dict[str, list[float]] = {arm: [] for arm in ARMS}
     for rep in range(args.repeats):
-        for name in (("random", "grouped") if rep % 2 == 0 else ("grouped", "random")):
-            bs = arms[name]
-            for j in rng.integers(len(bs), size=WARMUP).tolist():
-                step(bs[j])
+        for arm in ARMS[rep % 3:] + ARMS[:rep % 3]:
+            steps = arms[arm]
+            for j in rng.integers(len(steps), size=WARMUP).tolist():
+                step(steps[j])
             total = 0.0
-            for stratum in strata[name]:
+            for stratum in strata[arm]:
                 j = stratum[int(rng.integers(len(stratum)))]
                 t0 = time.perf_counter()
-                step(bs[j])
+                step(steps[j])
                 total += (time.perf_counter() - t0) * len(stratum)
-            est[name].append(total)
-        print(f"repeat {rep}: epoch random {est['random'][-1]:.1f} s, grouped {est['grouped'][-1]:.1f} s", flush=True)
-    ratios = [a / b for a, b in zip(est["random"], est["grouped"])]
+            est[arm].append(total)
+        print(f"repeat {rep}: epoch " + ", ".join(f"{a} {est[a][-1]:.1f} s" for a in ARMS), flush=True)
     out = {
         "task": r["task"], "model": args.model, "threads": args.threads, "batch_size": r["batch_size"],
-        "max_length": r["max_length"], "batches": len(arms["random"]), "steps": args.steps, "repeats": args.repeats,
-        "padded_over_real": {k: round(v / real, 3) for k, v in padded.items()},
-        "epoch_s_median": {k: round(statistics.median(v), 1) for k, v in est.items()},
-        "speedup_median": round(statistics.median(ratios), 2),
+        "micro": args.micro, "max_length": r["max_length"], "batches": len(arms["random"]), "steps": args.steps,
+        "repeats": args.repeats,
+        "padded_over_real": {a: round(v / real, 3) for a, v in padded.items()},
+        "epoch_s_median": {a: round(statistics.median(v), 1) for a, v in est.items()},
+        "speedup_median": {a: round(statistics.median(x / y for x, y in zip(est["random"], est[a])), 2) for a in ARMS},
     }
-    print(f"| {out['task']} | {out['padded_over_real']['random']:.2f} | {out['padded_over_real']['grouped']:.2f} | "
-          f"{out['epoch_s_median']['random']:.1f} | {out['epoch_s_median']['grouped']:.1f} | {out['speedup_median']:.2f}x |")
+    pr, es, sp = out["padded_over_real"], out["epoch_s_median"], out["speedup_median"]
+    print(f"| {out['task']} | " + " | ".join(f"{pr[a]:.2f}" for a in ARMS) + " | "
+          + " | ".join(f"{es[a]:.1f}" for a in ARMS) + f" | {sp['micro']:.2f}x | {sp['grouped']:.2f}x |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")

@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from vegalm.config import ConfigError
 from vegalm.data.glue import TASKS, load_split
 from vegalm.data.tokenizer import load_tokenizer
 from vegalm.finetune import tasks as ft_tasks
 from vegalm.finetune.runner import FinetuneConfig, minilm_path, reinit_top_layers, resolve, run_finetune
-from vegalm.finetune.tasks import DEFAULTS, Collator, encode_examples, enable_length_grouping
+from vegalm.finetune.tasks import DEFAULTS, Collator, encode_examples, enable_length_grouping, sort_within_batches
 from vegalm.model import EncoderConfig, VegaForSequenceClassification, VegaModel
 from vegalm.train.sampler import ResumableBatchSampler
 
@@ -145,11 +146,7 @@ def test_length_grouping_is_deterministic_and_resumable():
 def test_rte_run_outputs_and_cache(tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / "rte"
     cfg = FinetuneConfig(task="rte", model=str(tiny_dir), out=str(out), **FAST)
-    grouped = []
-    monkeypatch.setattr("vegalm.finetune.runner.enable_length_grouping",
-                        lambda sampler, lengths: grouped.append(len(lengths)))
     res = run_finetune(cfg)
-    assert grouped == [64]  # defaults=vega groups batches by length
     saved = json.loads((out / "results.json").read_text())
     assert saved["config_hash"] == res["config_hash"] and res["cached"] is False
     assert saved["train"]["steps"] == 3 and saved["num_train_examples"] == 64
@@ -177,9 +174,6 @@ def test_rte_run_outputs_and_cache(tiny_dir, tmp_path, monkeypatch):
     again = run_finetune(cfg)
     assert again["cached"] is True and again["dev"] == saved["dev"]
     assert resolve(dataclasses.replace(cfg, lr=1e-4)) == resolve(cfg)  # the default, spelled out: same key
-    assert resolve(dataclasses.replace(cfg, group_by_length=True)) == resolve(cfg)
-    assert resolve(dataclasses.replace(cfg, group_by_length=False))["group_by_length"] is False
-    assert resolve(dataclasses.replace(cfg, defaults="run_glue"))["group_by_length"] is False  # as transformers
     with pytest.raises(AssertionError, match="must not train"):  # a changed setting is a new run
         run_finetune(dataclasses.replace(cfg, seed=7))
 
@@ -258,6 +252,36 @@ def test_interrupted_run_continues_from_its_checkpoint(tiny_dir, tmp_path, monke
     monkeypatch.setattr(Trainer, "_one_step", one_step)
     other = run_finetune(FinetuneConfig(**{**base, "lr": 5e-5}, out=str(out / "other")))
     assert other["train"]["resumed_from_step"] == 0
+
+
+def test_sort_within_batches_keeps_each_batch():
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(3, 90, (70,), generator=g).tolist()
+    base = torch.randperm(70, generator=g)
+    out = sort_within_batches(base, lengths, 16).tolist()
+    for k in range(0, 64, 16):  # 4 whole batches: same examples, longest first
+        assert sorted(out[k:k + 16]) == sorted(base[k:k + 16].tolist())
+        assert [lengths[i] for i in out[k:k + 16]] == sorted((lengths[i] for i in out[k:k + 16]), reverse=True)
+    assert out[64:] == base[64:].tolist()  # the dropped tail is untouched
+
+
+def test_sorted_micro_batches_train_like_one_batch(tmp_path):
+    """grad_accum=4 (length-sorted micro-batches, the CPU fast path) against its eager twin grad_accum=1:
+    the same examples per step, so without dropout the same weights after 3 steps, with less padding."""
+    torch.manual_seed(0)
+    model_dir = tmp_path / "nodrop"
+    VegaModel(EncoderConfig(**TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(model_dir)
+    _copy_tokenizer(model_dir)
+    weights = {}
+    for k in (1, 4):
+        out = tmp_path / f"accum{k}"
+        res = run_finetune(FinetuneConfig(task="mrpc", model=str(model_dir), out=str(out), grad_accum=k,
+                                          eval_test=False, **FAST))
+        weights[k] = load_file(str(out / "model" / "model.safetensors"))
+        assert ("micro_batch_order" in res["config"]) == (k > 1)
+    assert weights[1].keys() == weights[4].keys()
+    for name in weights[1]:
+        torch.testing.assert_close(weights[4][name], weights[1][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_stsb_regression_with_ema_and_grouping(tiny_dir, tmp_path):

@@ -4,6 +4,8 @@
         --tricks vanilla,adv,selfcal,transductive,all --out runs/ablate
     vegalm ablate --summary results/ablation/minilm-l6        # the table again, from committed JSON only
     vegalm ablate --model minilm-l6 --seeds 3 --jobs 12 --out runs/ablate      # 12 runs at once (one GPU)
+    vegalm ablate --model minilm-l6 --seeds 3 --jobs 2 --out runs/ablate grad_accum=4   # CPU: less padding,
+                                                                   # same gradients (finetune/tasks.py)
 
     from vegalm.finetune.ablate import run_ablation, load_records, summarize
     s = run_ablation("minilm-l6", "rte,stsb", seeds=3, combos="vanilla,adv", out="runs/ablate")

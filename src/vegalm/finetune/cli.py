@@ -12,7 +12,8 @@ _KEYS_HELP = (
     "batch_size=16 max_length=256 seed=1 defaults=run_glue mixed_precision=bf16 layerwise_lr_decay=0.8 "
     "reinit_top_layers=2 ema_decay=0.999 init_from=runs/ft/mnli/model tricks=adv,rdrop trick_args.adv.eps=1e-5 "
     "max_train_samples=512 glue_dir=../shared/data/glue checkpoint_every=50 (an interrupted run continues from its "
-    "latest checkpoint when started again). Unset lr/epochs/batch_size/warmup_ratio/max_length "
+    "latest checkpoint when started again) grad_accum=4 (on a CPU: each batch as 4 length-sorted micro-batches, "
+    "same gradient, less padding). Unset lr/epochs/batch_size/warmup_ratio/max_length "
     "take the per-task defaults (see vegalm/finetune/tasks.py)."
 )
 

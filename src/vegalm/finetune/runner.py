@@ -82,7 +82,8 @@ from vegalm.errors import VegaError
 from vegalm.finetune.metrics import compute_metrics, task_score
 from vegalm.finetune.wnli import TREATMENTS as WNLI_TREATMENTS
 from vegalm.finetune.wnli import apply_treatment
-from vegalm.finetune.tasks import DEFAULT_SETS, SET_WIDE, Collator, GlueDataset, enable_length_grouping, task_defaults
+from vegalm.finetune.tasks import (DEFAULT_SETS, SET_OPTIM, Collator, GlueDataset, enable_length_grouping,
+                                  enable_sorted_micro_batches, task_defaults)
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class FinetuneConfig:
     weight_decay: float | None = None  # None: 0.01 (vega) / 0.0 (run_glue)
     adam_eps: float | None = None  # None: 1e-6 (vega) / 1e-8 (run_glue)
     schedule: str = "linear"
-    grad_accum: int = 1
+    grad_accum: int = 1  # k > 1: each batch as k length-sorted micro-batches; same gradient, less padding
     max_grad_norm: float = 1.0
     seed: int = 42
     mixed_precision: str = "no"  # no | bf16
@@ -131,7 +132,7 @@ class FinetuneConfig:
     init_from: str | None = None  # a fine-tuned model folder (intermediate-task transfer)
     tricks: list[str] = field(default_factory=list)
     trick_args: dict[str, dict] = field(default_factory=dict)
-    group_by_length: bool | None = None  # None: on for defaults=vega, off for run_glue
+    group_by_length: bool = False  # length-grouped batches: faster, but other batches (finetune/tasks.py)
     eval_batch_size: int = 64
     eval_test: bool = True
     save_model: bool = True
@@ -298,7 +299,7 @@ def resolve(cfg: FinetuneConfig) -> dict[str, Any]:
         tokenizer = str(tok_dir)
     glue_dir = str(resolve_glue_dir(cfg.glue_dir).resolve())
     d = task_defaults(spec.name, cfg.defaults)
-    wide = SET_WIDE[cfg.defaults]
+    optim = SET_OPTIM[cfg.defaults]
     out = to_dict(cfg)
     out.update(
         task=spec.name,
@@ -317,12 +318,15 @@ def resolve(cfg: FinetuneConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size if cfg.batch_size is not None else d.batch_size,
         warmup_ratio=cfg.warmup_ratio if cfg.warmup_ratio is not None else d.warmup_ratio,
         max_length=cfg.max_length if cfg.max_length is not None else d.max_length,
-        weight_decay=cfg.weight_decay if cfg.weight_decay is not None else wide["weight_decay"],
-        adam_eps=cfg.adam_eps if cfg.adam_eps is not None else wide["adam_eps"],
-        group_by_length=cfg.group_by_length if cfg.group_by_length is not None else wide["group_by_length"],
+        weight_decay=cfg.weight_decay if cfg.weight_decay is not None else optim["weight_decay"],
+        adam_eps=cfg.adam_eps if cfg.adam_eps is not None else optim["adam_eps"],
         trick_args={name: to_dict(args) for name, (_, args) in _trick_classes(cfg).items()},
     )
     out.update(_extra_train_key(cfg.extra_train))
+    if cfg.grad_accum > 1:
+        # micro-batches are length-sorted slices of each batch (tasks.sort_within_batches); named in the key
+        # only here, so keys of grad_accum=1 runs made before sorting existed stay valid
+        out["micro_batch_order"] = "length"
     if spec.name != "wnli" or cfg.wnli_treatment == "none":
         # only a WNLI run is changed by it: a sweep may set it for every task without touching the other
         # tasks' cache keys, and keys of runs made before the field existed stay valid
@@ -773,8 +777,10 @@ def run_finetune(cfg: FinetuneConfig | dict) -> dict[str, Any]:
     trainer = Trainer(model, objective, train_ds, collate, tcfg, out, param_groups=param_groups, callbacks=[hooks])
     # after the Trainer moved the model to its device, so the average lives beside the weights
     ema = hooks.ema = _EMA(trainer.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if resolved["group_by_length"]:
+    if cfg.group_by_length:
         enable_length_grouping(trainer.sampler, train_ds.lengths)
+    if cfg.grad_accum > 1:
+        enable_sorted_micro_batches(trainer.sampler, train_ds.lengths)
     t_load = time.perf_counter() - t0
     summary = trainer.train(resume=resume)
     t_train = time.perf_counter() - t0 - t_load

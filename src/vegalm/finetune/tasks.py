@@ -18,17 +18,22 @@ sentences are short (median 10-56 WordPiece tokens, see below), so padding every
 spend most of the compute on padding. `attention_mask` marks real tokens; labels are int64 (classes)
 or float32 (STS-B scores); `index` is int64.
 
-Length grouping (`group_by_length`; on with `defaults=vega`, off with `run_glue` as in transformers).
-The Trainer's `ResumableBatchSampler` draws each epoch as a seeded permutation and is resumable because
-the permutation is a pure function of (seed, epoch). Grouping keeps that property: it replaces the
-sampler's permutation by `length_grouped_permutation` (the same seeded shuffle, then sorted by length
-inside chunks of `GROUP_CHUNK` global batches, then the batches' order shuffled with the same seed), so
-batches hold similar lengths, runs stay deterministic, and checkpoints still resume exactly. Why it is
-on: with random batches of 32 the padded tokens of an epoch are 2.62x the real ones on RTE (max_length
-256), 2.49x on STS-B, 2.03x on CoLA and 1.50x on MRPC (MiniLM-L6 WordPiece, measured on the train sets);
-grouped, 1.02-1.05x. Compute on a CPU follows the padded tokens (bench/length_grouping.py, BENCHMARKS.md).
-It changes which examples share a batch, i.e. the optimisation, not only the speed; the dev scores with
-and without it are in BENCHMARKS.md. `group_by_length=false` gives back plain random batches.
+Padding costs compute: with random batches of 32 the padded tokens of an epoch are 2.62x the real ones
+on RTE (max_length 256), 2.49x on STS-B, 2.03x on CoLA and 1.50x on MRPC (MiniLM-L6 WordPiece, train
+sets), and on a CPU the step time follows the padded tokens. Two remedies, both keeping runs
+deterministic and checkpoints resumable (they only transform the sampler's seeded permutation):
+
+* Length-sorted micro-batches (`grad_accum=k`, k > 1): each global batch is sorted by length before it
+  is cut into its k micro-batches (`sort_within_batches`), so each micro-batch pads to a similar length.
+  The examples of every optimizer step, and so the averaged gradient, are those of `grad_accum=1`; only
+  the float summation order and the dropout masks' random stream differ. k = 4 brings the padded tokens
+  to 1.12-1.30x the real ones (1.05-1.13x at k = 8). Recommended on a CPU; on a GPU a small model is
+  launch-bound and fewer, bigger batches are faster. bench/length_grouping.py measures both remedies.
+* Length grouping (`group_by_length=true`, off by default in both sets, as in transformers): the
+  permutation is sorted by length inside chunks of `GROUP_CHUNK` global batches and the batches' order
+  is then shuffled with the same seed (`length_grouped_permutation`); padded tokens fall to 1.02-1.05x.
+  It changes which examples share a batch, i.e. the optimisation: in a one-seed pilot on MiniLM-L6 it
+  lowered three of four dev scores (BENCHMARKS.md), so it stays opt-in.
 
 Per-task defaults (`defaults=` in FinetuneConfig; any field given explicitly wins):
 
@@ -121,12 +126,10 @@ DEFAULTS: dict[str, dict[str, TaskDefaults]] = {
         "ax": _SMALL,
     },
 }
-# Settings that come with each set (not per task).
-SET_WIDE: dict[str, dict[str, float | bool]] = {
-    # transformers TrainingArguments defaults (group_by_length too)
-    "run_glue": {"weight_decay": 0.0, "adam_eps": 1e-8, "group_by_length": False},
-    # ELECTRA / DeBERTa fine-tuning; length grouping for speed (see "Length grouping" above)
-    "vega": {"weight_decay": 0.01, "adam_eps": 1e-6, "group_by_length": True},
+# Optimizer settings that come with each set (not per task).
+SET_OPTIM: dict[str, dict[str, float]] = {
+    "run_glue": {"weight_decay": 0.0, "adam_eps": 1e-8},  # transformers TrainingArguments defaults
+    "vega": {"weight_decay": 0.01, "adam_eps": 1e-6},  # ELECTRA / DeBERTa fine-tuning
 }
 
 
@@ -252,6 +255,28 @@ def length_grouped_permutation(
     g = torch.Generator().manual_seed(seed)
     shuffled = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     return torch.tensor([i for b in shuffled for i in b] + order[usable:], dtype=torch.long)
+
+
+def sort_within_batches(base: torch.Tensor, lengths: Sequence[int], global_batch: int) -> torch.Tensor:
+    """Sort each window of `global_batch` entries of a permutation by length (longest first, ties keep
+    `base` order); the tail (fewer than one global batch) stays as it is. Same examples per window."""
+    order = base.tolist()
+    usable = len(order) - len(order) % global_batch
+    out: list[int] = []
+    for start in range(0, usable, global_batch):
+        out.extend(sorted(order[start : start + global_batch], key=lambda i: -lengths[i]))
+    return torch.tensor(out + order[usable:], dtype=torch.long)
+
+
+def enable_sorted_micro_batches(sampler: Any, lengths: Sequence[int]) -> None:
+    """Make a `ResumableBatchSampler` sort each global batch by length before cutting it into its
+    `grad_accum` micro-batches. Wraps the sampler's current `permutation` (so it composes with
+    `enable_length_grouping` called before it). Call before `trainer.train()`."""
+    if len(lengths) != sampler.num_samples:
+        raise VegaError(f"sorted micro-batches: {len(lengths)} lengths for {sampler.num_samples} examples")
+    inner = sampler.permutation
+    lengths = list(lengths)
+    sampler.permutation = lambda epoch: sort_within_batches(inner(epoch), lengths, sampler.global_batch)
 
 
 def enable_length_grouping(sampler: Any, lengths: Sequence[int], chunk: int = GROUP_CHUNK) -> None:
