@@ -325,6 +325,16 @@ def test_summary_arithmetic_anchor_and_verdict(tmp_path):
     assert "anchor" not in "\n".join(ablate.verdict_lines(s2))
 
 
+def test_partial_sweep_deltas_pair_seeds(tmp_path):
+    """A trick run on seed 0 only is compared with vanilla's seed 0, not with vanilla's 3-seed mean."""
+    scores = {"vanilla": {"cola": [32, 24, 26]}, "adv": {"cola": [30]}}
+    _write_records(tmp_path / "r", scores)
+    s = ablate.summarize(ablate.load_records(tmp_path / "r"))
+    assert s["task_delta_vs_vanilla"]["adv"] == {"cola": pytest.approx(-2.0)}  # unpaired it would read +3.33
+    assert s["task_delta_seeds"]["adv"] == {"cola": 1} and s["delta_vs_vanilla"]["adv"] == pytest.approx(-2.0)
+    assert "| adv | -2.00 [1] |" in ablate.render_markdown(s)
+
+
 def test_cli_errors_are_one_line(tiny_dir, tmp_path, capsys):
     from vegalm.cli import main
 

@@ -614,11 +614,20 @@ def summarize(records: list[dict]) -> dict[str, Any]:
     avg = {c: (float(np.mean([cells[c][t]["mean"] for t in tasks])) if set(cells[c]) >= set(tasks) else None)
            for c in combos}
     van = cells.get(VANILLA, {})
-    delta, task_delta, worse, wall = {}, {}, {}, {}
+    delta, task_delta, task_delta_n, worse, wall = {}, {}, {}, {}, {}
     for c in combos:
-        task_delta[c] = {t: cells[c][t]["mean"] - van[t]["mean"] for t in tasks if t in cells[c] and t in van}
+        # paired: over the seeds that both the combo and vanilla have, so a partial sweep (say, a trick on
+        # seed 0 only) is not compared with vanilla's mean over other seeds; a full sweep pairs every seed
+        task_delta[c], task_delta_n[c] = {}, {}
+        for t in tasks:
+            common = sorted(set(cells[c].get(t, {}).get("scores", {})) & set(van.get(t, {}).get("scores", {})))
+            if common:
+                task_delta[c][t] = float(np.mean([cells[c][t]["scores"][k] - van[t]["scores"][k] for k in common]))
+                task_delta_n[c][t] = len(common)
         worse[c] = [t for t, d in task_delta[c].items() if c != VANILLA and d < -van[t]["std"] - WORSE_TOL]
-        delta[c] = avg[c] - avg[VANILLA] if avg.get(VANILLA) is not None and avg[c] is not None else None
+        delta[c] = (float(np.mean([task_delta[c][t] for t in tasks]))
+                    if avg.get(VANILLA) is not None and avg[c] is not None and set(task_delta[c]) >= set(tasks)
+                    else None)
         pairs = [(t, s) for (cc, t, s) in by if cc == c]
         own = sum(by[(c, t, s)]["wall_s"] for t, s in pairs if "wall_s" in by[(c, t, s)])
         ref_pairs = [(t, s) for t, s in pairs if (VANILLA, t, s) in by]
@@ -662,6 +671,7 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         "avg": avg,
         "delta_vs_vanilla": delta,
         "task_delta_vs_vanilla": task_delta,
+        "task_delta_seeds": task_delta_n,
         "worse_than_vanilla_std": worse,
         "wall": wall,
         "calibration": calib,
@@ -755,16 +765,17 @@ def render_markdown(summary: dict) -> str:
                 ratio, _fmt(w["per_run_s"], nd=0)]
         lines.append("| " + " | ".join(row) + " |")
     if VANILLA in combos and len(combos) > 1:
-        lines += ["", "Change vs vanilla per task (mean over seeds; * = below vanilla by more than vanilla's "
-                  "seed std on that task):", "",
+        lines += ["", "Change vs vanilla per task (mean over the seeds both have, [n] when fewer than all; "
+                  "* = below vanilla by more than vanilla's seed std on that task):", "",
                   "| combo | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
         for c in combos:
             if c == VANILLA:
                 continue
-            td = summary["task_delta_vs_vanilla"][c]
+            td, tn = summary["task_delta_vs_vanilla"][c], summary["task_delta_seeds"][c]
             bad = summary["worse_than_vanilla_std"][c]
-            lines.append("| " + " | ".join([c] + [(_fmt(td[t], True) + ("*" if t in bad else "")) if t in td
-                                                   else "—" for t in tasks]) + " |")
+            lines.append("| " + " | ".join([c] + [(_fmt(td[t], True) + ("*" if t in bad else "")
+                                                    + (f" [{tn[t]}]" if tn[t] < len(summary["seeds"]) else ""))
+                                                   if t in td else "—" for t in tasks]) + " |")
     calib = summary["calibration"]
     if calib:
         lines += ["", "Calibration on dev (classification tasks; mean over seeds). ECE in % (15 bins), NLL in "

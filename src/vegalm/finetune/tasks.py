@@ -27,13 +27,14 @@ deterministic and checkpoints resumable (they only transform the sampler's seede
   is cut into its k micro-batches (`sort_within_batches`), so each micro-batch pads to a similar length.
   The examples of every optimizer step, and so the averaged gradient, are those of `grad_accum=1`; only
   the float summation order and the dropout masks' random stream differ. k = 4 brings the padded tokens
-  to 1.12-1.30x the real ones (1.05-1.13x at k = 8). Recommended on a CPU; on a GPU a small model is
-  launch-bound and fewer, bigger batches are faster. bench/length_grouping.py measures both remedies.
+  to 1.12-1.30x the real ones (1.05-1.13x at k = 8). Recommended on a CPU, where it was measured
+  (bench/length_grouping.py); on a GPU, k micro-batches mean k times the kernel launches (not timed).
 * Length grouping (`group_by_length=true`, off by default in both sets, as in transformers): the
   permutation is sorted by length inside chunks of `GROUP_CHUNK` global batches and the batches' order
   is then shuffled with the same seed (`length_grouped_permutation`); padded tokens fall to 1.02-1.05x.
-  It changes which examples share a batch, i.e. the optimisation: in a one-seed pilot on MiniLM-L6 it
-  lowered three of four dev scores (BENCHMARKS.md), so it stays opt-in.
+  It changes which examples share a batch, i.e. the optimisation. On MiniLM-L6 (7 task/seed pairs, CPU)
+  the mean dev change was -0.02 points, within a seed spread of +-3 (BENCHMARKS.md), which cannot rule
+  out a small effect; it stays opt-in.
 
 Per-task defaults (`defaults=` in FinetuneConfig; any field given explicitly wins):
 
