@@ -2,7 +2,8 @@
 DebertaV2Model (eager, its only attention path), same weights, same run.
 
     python bench/encoder_gpu.py                      # base config, bf16 + fp32, S128 / S512 / S2048 (~1-2 min)
-    python bench/encoder_gpu.py --flex               # also the FlexAttention kernel (compiles per shape)
+    python bench/encoder_gpu.py --flex --attn-dropout 0   # also FlexAttention (compiles per shape; it has
+                                                          # no attention dropout, so every side runs without)
     python bench/encoder_gpu.py --device cpu --size tiny --repeats 1 --cases 2x64   # a smoke run on CPU
 
 A step is forward + backward + AdamW. The base config is DeBERTa-v3-base's shape (hidden 768, 12 layers,
@@ -40,14 +41,16 @@ SIZES = {
 }  # fmt: skip
 
 
-def build(size: str, device: str, impls: list[str]) -> dict[str, torch.nn.Module]:
-    """{'hf': DebertaV2Model, 'ours-<impl>': VegaModel with that kernel}, all with the same random weights."""
+def build(size: str, device: str, impls: list[str], attn_dropout: float | None = None) -> dict[str, torch.nn.Module]:
+    """{'hf': DebertaV2Model, 'ours-<impl>': VegaModel with that kernel}, all with the same random weights.
+    `attn_dropout` replaces the attention-probability dropout (DebertaV2Config's 0.1) on every side."""
     from transformers import DebertaV2Config, DebertaV2Model
 
     from vegalm.model import VegaModel
 
     torch.manual_seed(0)
-    hf = DebertaV2Model(DebertaV2Config(**SIZES[size]))
+    extra = {} if attn_dropout is None else {"attention_probs_dropout_prob": attn_dropout}
+    hf = DebertaV2Model(DebertaV2Config(**SIZES[size], **extra))
     models = {"hf": hf}
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
@@ -109,16 +112,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="base", choices=sorted(SIZES))
     ap.add_argument("--cases", default="32x128,8x512,2x2048", help="BxL,... (batch x sequence length)")
     ap.add_argument("--dtypes", default="bf16,fp32")
-    ap.add_argument("--flex", action="store_true", help="also time the FlexAttention kernel (compiles per shape)")
+    ap.add_argument("--flex", action="store_true", help="also time the FlexAttention kernel (compiles per shape; "
+                    "needs --attn-dropout 0)")
+    ap.add_argument("--attn-dropout", type=float, default=None,
+                    help="attention-probability dropout for every side (default: DebertaV2Config's 0.1)")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device (use --device cpu for a smoke run)")
+    if args.flex and (args.attn_dropout is None or args.attn_dropout > 0):
+        # a training step of `flex` with attention dropout runs `sdpa` (model/attention.py): its column
+        # would time sdpa twice (the first GPU run, before this check, did exactly that)
+        ap.error("--flex: FlexAttention has no attention dropout, so with dropout it falls back to sdpa; "
+                 "add --attn-dropout 0 (applied to every side, transformers' too)")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
     impls = ["sdpa"] + (["flex"] if args.flex else [])
-    models = build(args.size, args.device, impls)
+    models = build(args.size, args.device, impls, args.attn_dropout)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"{name}, torch {torch.__version__}, size {args.size}, median of {args.repeats} steps")
+    drop = "default" if args.attn_dropout is None else args.attn_dropout
+    print(f"{name}, torch {torch.__version__}, size {args.size}, attention dropout {drop}, "
+          f"median of {args.repeats} steps")
     print(f"{'case':<12}{'dtype':<6}" + "".join(f"{n + ' ms':>16}" for n in models)
           + "".join(f"{n + ' x HF':>16}" for n in models if n != "hf")
           + "".join(f"{n + ' MB':>16}" for n in models))  # fmt: skip
@@ -138,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"B{B}xS{L:<8}{dtype:<6}" + "".join(f"{v['s'] * 1e3:>16.1f}" for v in r.values())
                   + "".join(f"{r['hf']['s'] / v['s']:>15.2f}x" for n, v in r.items() if n != "hf")
                   + "".join(f"{mb(v['mem_mb']):>16}" for v in r.values()), flush=True)  # fmt: skip
-    print(json.dumps({"device": name, "size": args.size, "repeats": args.repeats, "rows": rows}))
+    print(json.dumps({"device": name, "size": args.size, "repeats": args.repeats, "attn_dropout": args.attn_dropout,
+                      "rows": rows}))
     return 0
 
 

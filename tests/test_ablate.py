@@ -333,6 +333,16 @@ def test_partial_sweep_deltas_pair_seeds(tmp_path):
     assert s["task_delta_vs_vanilla"]["adv"] == {"cola": pytest.approx(-2.0)}  # unpaired it would read +3.33
     assert s["task_delta_seeds"]["adv"] == {"cola": 1} and s["delta_vs_vanilla"]["adv"] == pytest.approx(-2.0)
     assert "| adv | -2.00 [1] |" in ablate.render_markdown(s)
+    # the verdict's regression line uses the same paired change as the table (unpaired: -5.33)
+    _write_records(tmp_path / "a", {"vanilla": {"cola": [32, 24, 26]}, "all": {"cola": [22]}})
+    s = ablate.summarize(ablate.load_records(tmp_path / "a"))
+    assert "tasks worse than vanilla by more than vanilla's seed std: cola (-10.00 [1], std " in "\n".join(
+        ablate.verdict_lines(s))
+    from vegalm.cli import main  # --summary --out writes the report files from the records alone
+
+    assert main(["ablate", "--summary", str(tmp_path / "a"), "--out", str(tmp_path / "rep")]) == 0
+    assert sorted(f.name for f in (tmp_path / "rep").iterdir()) == ["ablation.json", "ablation.md", "ablation.png"]
+    assert "| all | -10.00* [1] |" in (tmp_path / "rep" / "ablation.md").read_text()
 
 
 def test_cli_errors_are_one_line(tiny_dir, tmp_path, capsys):
@@ -352,6 +362,7 @@ def test_cli_errors_are_one_line(tiny_dir, tmp_path, capsys):
         (["ablate", "--tasks", "wnli"], "--model: required"),
         (["ablate", "--summary", str(tmp_path / "empty")], "no ablation records"),
         (["ablate", "--summary", str(tmp_path / "empty"), "--model", "x"], "--summary reads the JSON records only"),
+        (["ablate", "--summary", str(tmp_path / "empty"), "--out", str(tmp_path / "empty")], "outside the records"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv

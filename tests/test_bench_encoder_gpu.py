@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 
+import pytest
 import torch
 from _bench import load_bench
 
@@ -27,3 +28,12 @@ def test_smoke_on_cpu_same_weights_and_json_line():
     line = json.loads(buf.getvalue().strip().splitlines()[-1])
     assert rc == 0 and line["device"] == "cpu" and [r["case"] for r in line["rows"]] == ["B2xS32", "B1xS520"]
     assert all(r["hf_ms"] > 0 and r["ours-sdpa_speedup"] > 0 and r["hf_mem_mb"] is None for r in line["rows"])
+
+
+def test_flex_needs_attention_dropout_off(capsys):
+    # with attention dropout a flex training step runs sdpa, so its column would time sdpa again
+    with pytest.raises(SystemExit):
+        encoder_gpu.main(["--device", "cpu", "--size", "tiny", "--flex"])
+    assert "--attn-dropout 0" in capsys.readouterr().err
+    models = encoder_gpu.build("tiny", "cpu", ["sdpa"], attn_dropout=0.0)
+    assert all(m.config.attention_probs_dropout_prob == 0.0 for m in models.values())

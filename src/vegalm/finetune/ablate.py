@@ -537,13 +537,19 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
     summary = summarize(records)
     summary["trained_runs"] = trained
     summary["records_dir"] = str(rec_dir)
+    write_report(summary, out)
+    if failed:
+        raise VegaError(failures + f" (the report in {out} covers the runs that finished)")
+    return summary
+
+
+def write_report(summary: dict, out: str | Path) -> None:
+    """out/ablation.md (the printed table), out/ablation.json (every number) and out/ablation.png."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_if_changed(out / "ablation.md", render_markdown(summary))
     _write_if_changed(out / "ablation.json", json.dumps(summary, indent=1, default=str) + "\n")
     plot_ablation(summary, out / "ablation.png")
-    if failed:
-        raise VegaError(failures + f" (the report in {out} covers the runs that finished)")
-    return summary
 
 
 def _same_dir(path: Path, other) -> bool:
@@ -729,9 +735,11 @@ def verdict_lines(summary: dict) -> list[str]:
             if c == VANILLA or (head and c != head):
                 continue
             bad = summary["worse_than_vanilla_std"].get(c, [])
-            cells, van = summary["cells"][c], summary["cells"][VANILLA]
+            td, tn, van = summary["task_delta_vs_vanilla"][c], summary["task_delta_seeds"][c], summary["cells"][VANILLA]
+            # the same paired change as the per-task table (not the difference of unpaired means)
+            mark = {t: (f" [{tn[t]}]" if tn[t] < len(summary["seeds"]) else "") for t in bad}
             lines.append(f"{c}: tasks worse than vanilla by more than vanilla's seed std: " + (", ".join(
-                f"{t} ({cells[t]['mean'] - van[t]['mean']:+.2f}, std {van[t]['std']:.2f})" for t in bad) or "none"))
+                f"{t} ({td[t]:+.2f}{mark[t]}, std {van[t]['std']:.2f})" for t in bad) or "none"))
     return lines
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from vegalm.config import ConfigError, apply_overrides, from_dict, load_yaml
@@ -66,6 +67,7 @@ examples:
   vegalm ablate --model minilm-l6 --tasks rte --seeds 1 --tricks vanilla,adv --out /tmp/abl trick_args.adv.method=smart
   vegalm ablate --model minilm-l6 --seeds 3 --jobs 12 --out runs/ablate     # 12 runs at once on one GPU
   vegalm ablate --summary results/ablation/minilm-l6
+  vegalm ablate --summary results/ablation/minilm-l6-gpu --out results/ablation-report/minilm-l6-gpu   # + .md/.png
 """
 
 
@@ -97,7 +99,7 @@ def register(sub, formatter) -> None:
     a.add_argument("--tasks", default="rte,mrpc,stsb,cola", help="comma-separated GLUE tasks")
     a.add_argument("--seeds", default="3", help="a count (3 = seeds 0,1,2) or a list (1,5,9)")
     a.add_argument("--tricks", default="vanilla,adv,selfcal,transductive,all", help="comma-separated combos")
-    a.add_argument("--out", default=None, help="run folder (not needed with --summary)")
+    a.add_argument("--out", default=None, help="run folder; with --summary, where to write ablation.md/.json/.png")
     a.add_argument("--results-dir", default="results/ablation", help="where the per-run JSON records go")
     a.add_argument("--model-tag", default=None, help="records subfolder; default: from --model (pt-discriminator)")
     a.add_argument("--pseudo-fraction", type=float, default=0.3,
@@ -158,9 +160,14 @@ def _ablate(args: argparse.Namespace) -> int:
     from vegalm.finetune import ablate
 
     if args.summary:
-        if args.settings or args.model or args.out:
-            raise ConfigError("--summary reads the JSON records only; drop --model/--out and key=value settings")
-        ablate.print_report(ablate.summarize(ablate.load_records(args.summary)))
+        if args.settings or args.model:
+            raise ConfigError("--summary reads the JSON records only; drop --model and key=value settings")
+        if args.out and Path(args.out).resolve() == Path(args.summary).resolve():
+            raise ConfigError("--summary with --out: write the report outside the records folder")
+        summary = ablate.summarize(ablate.load_records(args.summary))
+        if args.out:  # the report files, from committed records (the records folder holds records only)
+            ablate.write_report(summary, args.out)
+        ablate.print_report(summary)
         return 0
     for flag in ("model", "out"):
         if not getattr(args, flag):

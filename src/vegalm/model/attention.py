@@ -35,6 +35,7 @@ spirit (within float tolerance) at every position.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +106,9 @@ class DisentangledSelfAttention(nn.Module):
         if impl == "auto":
             impl = "sdpa" if q.is_cuda else "fused"
         if impl == "flex" and self.training and self.attn_dropout > 0:
+            warnings.warn("attn_impl='flex' has no attention dropout: training with attention_probs_dropout_prob="
+                          f"{self.attn_dropout} runs the sdpa kernel instead (set it to 0 to train with flex)",
+                          stacklevel=2)  # the default filter shows it once per call site
             impl = "sdpa"
         if impl == "eager":
             out = self._eager(q, k, v, pad, rel_emb, rel)
@@ -190,7 +194,10 @@ class DisentangledSelfAttention(nn.Module):
                 if has_p2c:
                     score = score + p2c[b, h, kj, r]
             if pad is not None:
-                score = torch.where(pad[b, qi] & pad[b, kj], score, minval)
+                # A real query gives padding keys `min`. A padding query gets 0 for every key, i.e. the
+                # uniform row of the reference (and no gradient through its scores): a row of `min`
+                # overflows to -inf in the CUDA kernel's log2 domain, which returns 0 for such rows.
+                score = torch.where(pad[b, qi], torch.where(pad[b, kj], score, minval), 0.0)
             return score
 
         return _flex_attention()(q, k, v, score_mod=score_mod, scale=self.scale)
