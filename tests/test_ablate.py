@@ -190,6 +190,11 @@ def test_records_table_plot_and_json_line(sweep):
     assert "| vanilla |" in sweep["stdout"]  # the table is printed too
 
 
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x.astype(np.float64) - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
 def test_transductive_pseudo_labels(sweep):
     assert len(sweep["handed"]) >= 146  # WNLI's test rows went through the label guard
     rec = _record(sweep, "transductive", "wnli")
@@ -205,6 +210,21 @@ def test_transductive_pseudo_labels(sweep):
     test_index = [e.index for e in glue_data.load_split("wnli", "test", GLUE_DIR)]
     for r in pseudo:  # every pseudo-label is the teacher's prediction
         assert r["label"] == int(logits[test_index.index(r["index"])].argmax())
+    # the pseudo-labels' likely accuracy: the teacher on the dev rows that clear the same per-class cut
+    pt = _softmax(logits)
+    cut = {}
+    for r in pseudo:
+        i = test_index.index(r["index"])
+        cut[r["label"]] = min(cut.get(r["label"], 1.0), pt[i].max())
+    pd = _softmax(np.load(teacher / "dev_logits.npy"))
+    gold = np.array([e.label for e in glue_data.load_split("wnli", "dev", GLUE_DIR)])
+    keep = np.array([row.max() >= cut.get(int(row.argmax()), np.inf) for row in pd])
+    assert p["dev_rows"] == 71 and p["dev_rows_at_cut"] == int(keep.sum()) > 0
+    assert p["dev_accuracy_at_cut"] == pytest.approx(100 * (pd.argmax(1)[keep] == gold[keep]).mean(), abs=0.01)
+    assert p["teacher_dev_score"] == pytest.approx(_record(sweep, "vanilla", "wnli")["dev_score"])
+    line = next(x for x in sweep["stdout"].splitlines() if x.startswith("- transductive / wnli:"))
+    assert (f"past the same cut {p['dev_accuracy_at_cut']:.1f}%; teacher {p['teacher_dev_score']:.2f} -> "
+            f"student {rec['dev_score']:.2f}") in line
     run = json.loads((Path(rec["run_dir"]) / "results.json").read_text())
     assert run["num_train_examples"] == 32 + p["selected"] and "extra_train_sha256" in run["config"]
     assert rec["wall_s"] == pytest.approx(sum(rec["wall_parts_s"].values()))
@@ -230,6 +250,28 @@ def test_rerun_trains_nothing(sweep, monkeypatch):
     assert {p.name: p.read_bytes() for p in sweep["records"].glob("*.json")} == before
     assert pseudo.stat().st_mtime_ns == mtime
     assert stdout.strip().splitlines()[-1] == sweep["stdout"].strip().splitlines()[-1]
+
+
+def test_cached_only_rebuilds_records_and_trains_nothing(sweep, tmp_path, monkeypatch):
+    """--cached-only reads back what is there, writes the same records, and lists what is not cached."""
+    shutil.copytree(sweep["out"], tmp_path / "out")
+    (tmp_path / "out" / "adv" / "wnli" / "seed0" / "results.json").unlink()  # as if cut off by a time limit
+    monkeypatch.setattr("vegalm.train.trainer.Trainer.train", lambda *a, **k: pytest.fail("--cached-only trained"))
+    argv = list(sweep["argv"])
+    argv[argv.index("--out") + 1] = str(tmp_path / "out")
+    argv[argv.index("--results-dir") + 1] = str(tmp_path / "results")
+    rc, stdout = _main([*argv, "--cached-only"])
+    assert rc == 0 and stdout.startswith("trained 0 run(s)")
+    assert "not cached (skipped): adv wnli seed 0" in stdout.splitlines()[0]
+    rebuilt = {p.name: json.loads(p.read_text()) for p in (tmp_path / "results" / "tiny").glob("*.json")}
+    serial = {p.name: json.loads(p.read_text()) for p in sweep["records"].glob("*.json")}
+    assert sorted(rebuilt) == sorted(set(serial) - {"adv__wnli__seed0.json"})
+    moved = ("teacher_dir",)  # the teacher's folder moved with the copy; everything else is the same
+    for name, rec in rebuilt.items():
+        want = serial[name]
+        assert (rec["dev_score"], rec["config_hash"]) == (want["dev_score"], want["config_hash"]), name
+        assert {k: v for k, v in (rec["pseudo"] or {}).items() if k not in moved} == {
+            k: v for k, v in (want["pseudo"] or {}).items() if k not in moved}, name
 
 
 def test_parallel_jobs_match_the_serial_sweep(sweep, tmp_path, monkeypatch):

@@ -182,7 +182,7 @@ def pseudo_labels_from_run(run_dir: Path, res: dict, task: str, glue_dir: str,
     The test rows are read with `load_split` (GLUE test files have no labels) and handed to
     `transductive.pseudo_label`, which reads guid, index and texts only."""
     from vegalm.data.glue import get_task, load_split
-    from vegalm.finetune.transductive import pseudo_label
+    from vegalm.finetune.transductive import confidences, pseudo_label
 
     spec = get_task(task)
     info: dict[str, Any] = {"fraction": fraction, "selected": 0, "per_class": [0] * spec.num_labels,
@@ -197,19 +197,46 @@ def pseudo_labels_from_run(run_dir: Path, res: dict, task: str, glue_dir: str,
     logits = np.load(run_dir / "test_logits.npy")
     index = _read_test_index(run_dir / "test_predictions.tsv")
     chosen = []
+    cut = [np.inf] * spec.num_labels  # per predicted class: the lowest confidence that was kept
     for split, (a, b) in rows.items():
         examples = load_split(task, split, glue_dir)
         if [i for _, i in index[a:b]] != [ex.index for ex in examples]:
             raise VegaError(f"{run_dir / 'test_predictions.tsv'}: its {split} rows do not match "
                             f"{task}'s test file; delete {run_dir} to rerun the teacher")
-        chosen += pseudo_label(logits[a:b], examples, top_fraction=fraction, balance=True)
+        picked = pseudo_label(logits[a:b], examples, top_fraction=fraction, balance=True)
+        conf, pred, _ = confidences(logits[a:b])
+        kept = {ex.guid for ex in picked}
+        for i, ex in enumerate(examples):
+            if ex.guid in kept:
+                cut[pred[i]] = min(cut[pred[i]], float(conf[i]))
+        chosen += picked
         info["test_rows"] += b - a
     for ex in chosen:
         info["per_class"][ex.label] += 1
     info["selected"] = len(chosen)
     if not chosen:
         info["skipped"] = "balanced selection is empty (the teacher predicts only one class)"
+    else:
+        info.update(dev_accuracy_at_cut(run_dir, res, task, glue_dir, cut))
     return chosen, info
+
+
+def dev_accuracy_at_cut(run_dir: Path, res: dict, task: str, glue_dir: str, cut: list[float]) -> dict:
+    """How right the pseudo-labels probably are: the teacher's accuracy on the dev rows that clear the same
+    per-class confidence cut as the kept test rows (dev labels are public; test labels are never read).
+    A teacher near chance (MiniLM on RTE) keeps pseudo-labels that are not much better than chance."""
+    from vegalm.data.glue import load_split
+
+    from vegalm.finetune.transductive import confidences
+
+    conf, pred, _ = confidences(np.load(run_dir / "dev_logits.npy"))
+    gold = np.full(len(pred), -1)
+    for split, (a, b) in res["dev_rows"].items():
+        gold[a:b] = [ex.label for ex in load_split(task, split, glue_dir)]
+    keep = np.array([c >= cut[k] for c, k in zip(conf, pred)])
+    n = int(keep.sum())
+    return {"dev_rows_at_cut": n, "dev_rows": len(pred),
+            "dev_accuracy_at_cut": round(float((pred[keep] == gold[keep]).mean()) * 100, 2) if n else None}
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -268,9 +295,14 @@ def _run_config(base: dict, trick_args: dict, combo: Combo, task: str, seed: int
 
 
 def run_one(combo: Combo, task: str, seed: int, *, base: dict, trick_args: dict, out: Path, glue_dir: str,
-            fraction: float, tapt: dict | None = None) -> tuple[dict, int]:
-    """Run (or read back) one (combo, task, seed); returns (its record, number of runs actually trained)."""
+            fraction: float, tapt: dict | None = None, cached_only: bool = False) -> tuple[dict, int]:
+    """Run (or read back) one (combo, task, seed); returns (its record, number of runs actually trained).
+    With `cached_only`, a missing run raises runner.NotCachedError instead of training."""
+    from functools import partial
+
     from vegalm.finetune.runner import run_finetune
+
+    run_finetune = partial(run_finetune, cached_only=cached_only)
 
     run_dir = out / combo.name / task / f"seed{seed}"
     parts: dict[str, dict] = {}
@@ -296,6 +328,7 @@ def run_one(combo: Combo, task: str, seed: int, *, base: dict, trick_args: dict,
         chosen, pseudo_info = pseudo_labels_from_run(teacher_dir, teacher, task, glue_dir, fraction)
         pseudo_info["teacher_dir"] = str(teacher_dir)
         pseudo_info["teacher_config_hash"] = teacher["config_hash"]
+        pseudo_info["teacher_dev_score"] = round(float(teacher["dev_score"]), 4)
         if chosen:
             pseudo_path = run_dir / "pseudo.jsonl"
             write_pseudo_jsonl(pseudo_path, chosen)
@@ -384,10 +417,18 @@ def _task_size(task: str, glue_dir: str, base: dict) -> float:
     return rows * float(base.get("epochs") or d.epochs) * int(base.get("max_length") or d.max_length)
 
 
-def _run_and_record(combo: Combo, task: str, seed: int, ctx: dict) -> tuple[dict, int]:
-    """One (combo, task, seed): run it (or read it back) and write its JSON record."""
-    rec, n = run_one(combo, task, seed, base=ctx["base"], trick_args=ctx["trick_args"], out=ctx["out"],
-                     glue_dir=ctx["glue_dir"], fraction=ctx["fraction"], tapt=ctx["tapt"])
+def _run_and_record(combo: Combo, task: str, seed: int, ctx: dict) -> tuple[dict | None, int]:
+    """One (combo, task, seed): run it (or read it back) and write its JSON record. With
+    ctx["cached_only"], a run that is not cached gives (None, 0) and no record."""
+    from vegalm.finetune.runner import NotCachedError
+
+    try:
+        rec, n = run_one(combo, task, seed, base=ctx["base"], trick_args=ctx["trick_args"], out=ctx["out"],
+                         glue_dir=ctx["glue_dir"], fraction=ctx["fraction"], tapt=ctx["tapt"],
+                         cached_only=ctx["cached_only"])
+    except NotCachedError as e:
+        log.warning("%s %s seed %d: skipped, %s", combo.name, task, seed, e)
+        return None, 0
     rec = {**rec, **ctx["common"]}
     _write_if_changed(ctx["rec_dir"] / _record_name(combo.name, rec["task"], seed),
                       json.dumps(rec, indent=1, sort_keys=True) + "\n")
@@ -429,7 +470,8 @@ def _run_parallel(jobs: list, ctx: dict, n_workers: int, bar) -> tuple[list[dict
                 bar.update(len(job))
                 continue
             for rec, n in done:
-                records.append(rec)
+                if rec is not None:
+                    records.append(rec)
                 trained += n
             bar.update(len(job))
             bar.set_postfix_str(f"done: {job[-1][0].name} {job[-1][1]} seed {job[-1][2]}")
@@ -441,8 +483,12 @@ def _run_parallel(jobs: list, ctx: dict, n_workers: int, bar) -> tuple[list[dict
 def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seeds: int | str | list[int] = 3,
                  combos: str | list[str] = DEFAULT_COMBOS, out: str | Path = "runs/ablate", *,
                  results_dir: str | Path = "results/ablation", tag: str | None = None,
-                 pseudo_fraction: float = PSEUDO_FRACTION, jobs: int = 1, **overrides: Any) -> dict[str, Any]:
+                 pseudo_fraction: float = PSEUDO_FRACTION, jobs: int = 1, cached_only: bool = False,
+                 **overrides: Any) -> dict[str, Any]:
     """Run every seed x task x combo (cached runs are read back), write the records and the report.
+
+    `cached_only` trains nothing: finished runs are read back and their records rewritten (say, after a
+    vegalm update added a field), and the runs not in the cache are listed in the summary's "not_cached".
 
     `overrides` are FinetuneConfig fields for every run (`save_model` defaults to False); `progress=False`
     also hides the sweep's bar. `jobs` > 1 runs that many jobs at once in spawned worker processes (see
@@ -453,7 +499,8 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
     from vegalm.config import from_dict
     from vegalm.data.glue import resolve_glue_dir, split_path
     from vegalm.finetune.glue_runner import parse_seeds, parse_tasks
-    from vegalm.finetune.runner import UNHASHED, FinetuneConfig, minilm_path, resolve, resolve_model_dir
+    from vegalm.finetune.runner import (UNHASHED, FinetuneConfig, NotCachedError, minilm_path, resolve,
+                                        resolve_model_dir)
 
     combo_list = parse_combos(combos)
     task_list, seed_list = parse_tasks(tasks), parse_seeds(seeds)
@@ -480,6 +527,8 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
         if not split_path(task, "train", glue_dir).is_file():
             raise VegaError(f"{task}: no training file {split_path(task, 'train', glue_dir)}; drop it from --tasks")
     model_dir = resolve_model_dir(model)
+    if cached_only and any(c.tapt for c in combo_list):
+        raise ConfigError("--cached-only: the tapt combos are not covered (their pretraining has its own cache)")
     if any(c.tapt for c in combo_list):
         from vegalm.pretrain.tapt import TaptConfig, resolve_pair
 
@@ -504,7 +553,7 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
               "anchor_model": ANCHOR_MODEL if is_anchor_model else None}
 
     ctx = {"base": base, "trick_args": trick_args, "out": out, "glue_dir": glue_dir, "fraction": pseudo_fraction,
-           "tapt": tapt, "rec_dir": rec_dir, "common": common}
+           "tapt": tapt, "rec_dir": rec_dir, "common": common, "cached_only": cached_only}
     records: list[dict] = []
     trained = 0
     failed: list[str] = []
@@ -526,7 +575,8 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
                         bar.set_postfix_str(f"{combo.name} {task} seed {seed}")
                         rec, n = _run_and_record(combo, task, seed, ctx)
                         trained += n
-                        records.append(rec)
+                        if rec is not None:
+                            records.append(rec)
                         bar.update(1)
     finally:
         bar.close()
@@ -534,9 +584,14 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
                 + "; ".join(failed))
     if failed and not records:
         raise VegaError(failures)
+    if not records:  # cached_only and nothing cached
+        raise NotCachedError(f"ablation --cached-only: none of the {total} runs is cached under {out}")
     summary = summarize(records)
     summary["trained_runs"] = trained
     summary["records_dir"] = str(rec_dir)
+    have = {(r["combo"], r["task"], int(r["seed"])) for r in records}
+    summary["not_cached"] = [f"{c.name} {t} seed {s}" for s in seed_list for t in task_list for c in combo_list
+                             if (c.name, t, s) not in have] if cached_only else []
     write_report(summary, out)
     if failed:
         raise VegaError(failures + f" (the report in {out} covers the runs that finished)")
@@ -652,11 +707,17 @@ def summarize(records: list[dict]) -> dict[str, Any]:
     pseudo: dict[str, dict[str, dict]] = {}
     for (c, t, s), r in sorted(by.items()):
         if r.get("pseudo"):
-            p = pseudo.setdefault(c, {}).setdefault(t, {"selected": [], "test_rows": 0, "skipped": set()})
+            p = pseudo.setdefault(c, {}).setdefault(t, {"selected": [], "test_rows": 0, "skipped": set(),
+                                                         "dev_accuracy_at_cut": [], "teacher": [], "student": []})
             p["selected"].append(r["pseudo"]["selected"])
             p["test_rows"] = r["pseudo"]["test_rows"]
             if r["pseudo"].get("skipped"):
                 p["skipped"].add(r["pseudo"]["skipped"])
+            if r["pseudo"].get("dev_accuracy_at_cut") is not None:  # records from before it have none
+                p["dev_accuracy_at_cut"].append(r["pseudo"]["dev_accuracy_at_cut"])
+            if r["pseudo"].get("teacher_dev_score") is not None and r["pseudo"]["selected"]:
+                p["teacher"].append(r["pseudo"]["teacher_dev_score"])
+                p["student"].append(r["dev_score"])
     for per_task in pseudo.values():
         for p in per_task.values():
             p["skipped"] = sorted(p["skipped"])
@@ -808,7 +869,15 @@ def render_markdown(summary: dict) -> str:
                     lines.append(f"- {c} / {t}: no pseudo-labels{note}; the row reports the teacher's run")
                 else:
                     span = f"{min(sel)}–{max(sel)}" if min(sel) != max(sel) else f"{sel[0]}"
-                    lines.append(f"- {c} / {t}: {span} of {p['test_rows']} test rows, per seed{note}")
+                    more = ""
+                    acc = p.get("dev_accuracy_at_cut") or []
+                    if acc:  # how right such pseudo-labels are: the teacher on dev rows past the same cut
+                        more += f"; teacher's dev accuracy past the same cut {np.mean(acc):.1f}%"
+                    if p.get("teacher"):  # what the student run adds to its own teacher, same seeds
+                        n = len(p["teacher"])
+                        more += (f"; teacher {np.mean(p['teacher']):.2f} -> student {np.mean(p['student']):.2f} "
+                                 f"({np.mean(p['student']) - np.mean(p['teacher']):+.2f}, {n} seed{'s' * (n > 1)})")
+                    lines.append(f"- {c} / {t}: {span} of {p['test_rows']} test rows, per seed{more}{note}")
     lines += ["", "Verdict:", ""] + [f"- {v}" for v in verdict_lines(summary)]
     if not any(TAPT in c.split("+") for c in summary["combos"]):
         lines += ["", "Not in this table: task-adaptive RTD pretraining (transductive variant (a), combo `tapt`); it "

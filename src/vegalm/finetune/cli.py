@@ -107,6 +107,9 @@ def register(sub, formatter) -> None:
     a.add_argument("--jobs", type=int, default=1,
                    help="runs at once, in worker processes (e.g. 12 for MiniLM on one big GPU; on a CPU each "
                         "worker gets cores // jobs threads)")
+    a.add_argument("--cached-only", action="store_true",
+                   help="train nothing: read back the finished runs under --out, rewrite their records and the "
+                        "report, and list the runs that are not cached")
     a.add_argument("--summary", default=None, metavar="RESULTS",
                    help="only reprint the table from the JSON records under RESULTS (no training)")
     a.add_argument("--recipe", default=None, help="YAML file of FinetuneConfig keys applied to every run")
@@ -175,8 +178,11 @@ def _ablate(args: argparse.Namespace) -> int:
     data = _settings(args.recipe, args.settings)
     summary = ablate.run_ablation(args.model, args.tasks, args.seeds, args.tricks, args.out,
                                   results_dir=args.results_dir, tag=args.model_tag,
-                                  pseudo_fraction=args.pseudo_fraction, jobs=args.jobs, **data)
+                                  pseudo_fraction=args.pseudo_fraction, jobs=args.jobs,
+                                  cached_only=args.cached_only, **data)
+    missing = summary.get("not_cached") or []
     print(f"trained {summary['trained_runs']} run(s); records: {summary['records_dir']}; "
-          f"report: {args.out}/ablation.md, plot: {args.out}/ablation.png")
+          f"report: {args.out}/ablation.md, plot: {args.out}/ablation.png"
+          + (f"; not cached (skipped): {', '.join(missing)}" if missing else ""))
     ablate.print_report(summary)
     return 0

@@ -695,9 +695,14 @@ def _load_tokenizer(name: str):
     return load_tokenizer(name)
 
 
-def run_finetune(cfg: FinetuneConfig | dict) -> dict[str, Any]:
+class NotCachedError(VegaError):
+    """run_finetune(cached_only=True) found no finished run with this config in its folder."""
+
+
+def run_finetune(cfg: FinetuneConfig | dict, *, cached_only: bool = False) -> dict[str, Any]:
     """Train, evaluate dev, predict test, write out/ (see the module docstring); returns results.json's
-    content (plus "cached": True when it was read back instead of recomputed)."""
+    content (plus "cached": True when it was read back instead of recomputed). With `cached_only`, a run
+    that is not in the cache raises NotCachedError instead of training."""
     t0 = time.perf_counter()
     if isinstance(cfg, dict):
         cfg = from_dict(FinetuneConfig, cfg)
@@ -708,6 +713,8 @@ def run_finetune(cfg: FinetuneConfig | dict) -> dict[str, Any]:
     if cached is not None and (not cfg.save_model or (out / "model" / "config.json").is_file()):
         log.info("%s: cached (config %s), not retraining", out, key)
         return {**cached, "cached": True}
+    if cached_only:
+        raise NotCachedError(f"{out}: no finished run with config {key}")
 
     from accelerate.utils import set_seed
 
@@ -916,6 +923,7 @@ __all__ = [
     "resolve",
     "config_hash",
     "cached_results",
+    "NotCachedError",
     "fingerprint",
     "minilm_path",
     "resolve_model_dir",

@@ -30,7 +30,7 @@ from vegalm.data.glue import Example, get_task, load_task
 from vegalm.errors import VegaError
 
 
-def _confidences(logits: Any) -> tuple[np.ndarray, np.ndarray, int]:
+def confidences(logits: Any) -> tuple[np.ndarray, np.ndarray, int]:
     """(max softmax probability, argmax, number of classes) per row."""
     x = np.asarray(logits.detach().float().cpu() if isinstance(logits, torch.Tensor) else logits, dtype=np.float64)
     if x.ndim != 2 or x.shape[1] < 2:
@@ -56,7 +56,7 @@ def pseudo_label(logits: Any, examples: Sequence[Any], threshold: float | None =
     """
     if (threshold is None) == (top_fraction is None):
         raise VegaError("pseudo_label: give exactly one of threshold or top_fraction")
-    conf, pred, c = _confidences(logits)
+    conf, pred, c = confidences(logits)
     n = len(examples)
     if conf.shape[0] != n:
         raise VegaError(f"pseudo_label: {conf.shape[0]} logit rows for {n} examples")
