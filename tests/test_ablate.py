@@ -274,6 +274,31 @@ def test_cached_only_rebuilds_records_and_trains_nothing(sweep, tmp_path, monkey
             k: v for k, v in (want["pseudo"] or {}).items() if k not in moved}, name
 
 
+def test_pseudo_label_gate_reports_the_teacher_below_the_bar(sweep, tmp_path, monkeypatch):
+    """--pseudo-min-dev-accuracy: below the bar the student is skipped and the row is the teacher's run;
+    at the bar the student (cached) is kept. Read back from the sweep's runs: nothing trains."""
+    acc = _record(sweep, "transductive", "wnli")["pseudo"]["dev_accuracy_at_cut"]
+    monkeypatch.setattr("vegalm.train.trainer.Trainer.train", lambda *a, **k: pytest.fail("the gate trained"))
+    argv = [a for a in sweep["argv"] if not a.startswith("trick_args.adv")]  # no adv combo here
+    argv[argv.index("--tricks") + 1] = "vanilla,transductive"
+    argv[argv.index("--tasks") + 1] = "wnli"
+    for bar, skipped in ((acc + 0.01, True), (acc, False)):
+        argv[argv.index("--results-dir") + 1] = str(tmp_path / f"r{bar}")
+        rc, stdout = _main([*argv, "--pseudo-min-dev-accuracy", str(bar)])
+        assert rc == 0 and stdout.startswith("trained 0 run(s)"), stdout
+        rec = json.loads((tmp_path / f"r{bar}" / "tiny" / "transductive__wnli__seed0.json").read_text())
+        assert rec["pseudo_min_dev_accuracy"] == bar
+        if skipped:
+            assert "under pseudo_min_dev_accuracy" in rec["pseudo"]["skipped"]
+            assert rec["dev_score"] == _record(sweep, "vanilla", "wnli")["dev_score"]
+            assert rec["run_dir"] == str(sweep["out"] / "vanilla" / "wnli" / "seed0")
+        else:
+            assert rec["pseudo"]["skipped"] is None
+            assert rec["dev_score"] == _record(sweep, "transductive", "wnli")["dev_score"]
+    rc, _ = _main([*argv, "--pseudo-min-dev-accuracy", "101"])
+    assert rc == 2
+
+
 def test_parallel_jobs_match_the_serial_sweep(sweep, tmp_path, monkeypatch):
     """--jobs 2: the same runs in two spawned workers give the serial sweep's records, score for score."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the serial sweep ran on 1 thread; so do the workers

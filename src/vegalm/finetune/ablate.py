@@ -26,6 +26,10 @@ Combos (`--tricks`, comma-separated; parts of one combo may be joined with `+`, 
                 STS-B (regression) has no confidence to select by, so it gets NO pseudo-labels: its
                 transductive result is the teacher's (for `transductive`: exactly vanilla's), said so
                 in the record. MNLI's AX rows (a diagnostic set) are never pseudo-labelled.
+                Each record also keeps the teacher's dev accuracy on the dev rows past the same
+                confidence cut (`dev_accuracy_at_cut`: how right such pseudo-labels probably are) and,
+                with `pseudo_min_dev_accuracy` > 0 (off by default), the student is skipped, and the row
+                reports the teacher, when that accuracy is below the bar.
   tapt          variant (a): task-adaptive continued RTD on the task's train+dev+test text
                 (pretrain/tapt.py, its TaptConfig defaults, seeded with the run seed, cached in
                 out/tapt/<task>/seed<k>/), then the combo's fine-tuning starts from that discriminator.
@@ -176,11 +180,12 @@ def _read_test_index(path: Path) -> list[tuple[str, int]]:
 
 
 def pseudo_labels_from_run(run_dir: Path, res: dict, task: str, glue_dir: str,
-                           fraction: float) -> tuple[list, dict]:
+                           fraction: float, min_dev_accuracy: float = 0.0) -> tuple[list, dict]:
     """Confident, class-balanced pseudo-labels from a finished run's test logits: (Examples, info).
 
     The test rows are read with `load_split` (GLUE test files have no labels) and handed to
-    `transductive.pseudo_label`, which reads guid, index and texts only."""
+    `transductive.pseudo_label`, which reads guid, index and texts only. When the teacher's accuracy
+    on the dev rows past the same cut is below `min_dev_accuracy` (percent), none are returned."""
     from vegalm.data.glue import get_task, load_split
     from vegalm.finetune.transductive import confidences, pseudo_label
 
@@ -218,6 +223,11 @@ def pseudo_labels_from_run(run_dir: Path, res: dict, task: str, glue_dir: str,
         info["skipped"] = "balanced selection is empty (the teacher predicts only one class)"
     else:
         info.update(dev_accuracy_at_cut(run_dir, res, task, glue_dir, cut))
+        acc = info["dev_accuracy_at_cut"]
+        if min_dev_accuracy > 0 and (acc is None or acc < min_dev_accuracy):
+            info["skipped"] = (f"the teacher's dev accuracy past the cut is {acc}%, under "
+                               f"pseudo_min_dev_accuracy={min_dev_accuracy:g}%")
+            chosen = []
     return chosen, info
 
 
@@ -295,7 +305,8 @@ def _run_config(base: dict, trick_args: dict, combo: Combo, task: str, seed: int
 
 
 def run_one(combo: Combo, task: str, seed: int, *, base: dict, trick_args: dict, out: Path, glue_dir: str,
-            fraction: float, tapt: dict | None = None, cached_only: bool = False) -> tuple[dict, int]:
+            fraction: float, tapt: dict | None = None, cached_only: bool = False,
+            min_dev_accuracy: float = 0.0) -> tuple[dict, int]:
     """Run (or read back) one (combo, task, seed); returns (its record, number of runs actually trained).
     With `cached_only`, a missing run raises runner.NotCachedError instead of training."""
     from functools import partial
@@ -325,7 +336,8 @@ def run_one(combo: Combo, task: str, seed: int, *, base: dict, trick_args: dict,
         teacher_dir = out / VANILLA / task / f"seed{seed}" if shared else run_dir / "teacher"
         teacher = run_finetune(_run_config(base, trick_args, combo, task, seed, teacher_dir))
         parts["teacher"] = teacher
-        chosen, pseudo_info = pseudo_labels_from_run(teacher_dir, teacher, task, glue_dir, fraction)
+        chosen, pseudo_info = pseudo_labels_from_run(teacher_dir, teacher, task, glue_dir, fraction,
+                                                     min_dev_accuracy)
         pseudo_info["teacher_dir"] = str(teacher_dir)
         pseudo_info["teacher_config_hash"] = teacher["config_hash"]
         pseudo_info["teacher_dev_score"] = round(float(teacher["dev_score"]), 4)
@@ -425,7 +437,7 @@ def _run_and_record(combo: Combo, task: str, seed: int, ctx: dict) -> tuple[dict
     try:
         rec, n = run_one(combo, task, seed, base=ctx["base"], trick_args=ctx["trick_args"], out=ctx["out"],
                          glue_dir=ctx["glue_dir"], fraction=ctx["fraction"], tapt=ctx["tapt"],
-                         cached_only=ctx["cached_only"])
+                         cached_only=ctx["cached_only"], min_dev_accuracy=ctx["min_dev_accuracy"])
     except NotCachedError as e:
         log.warning("%s %s seed %d: skipped, %s", combo.name, task, seed, e)
         return None, 0
@@ -483,8 +495,8 @@ def _run_parallel(jobs: list, ctx: dict, n_workers: int, bar) -> tuple[list[dict
 def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seeds: int | str | list[int] = 3,
                  combos: str | list[str] = DEFAULT_COMBOS, out: str | Path = "runs/ablate", *,
                  results_dir: str | Path = "results/ablation", tag: str | None = None,
-                 pseudo_fraction: float = PSEUDO_FRACTION, jobs: int = 1, cached_only: bool = False,
-                 **overrides: Any) -> dict[str, Any]:
+                 pseudo_fraction: float = PSEUDO_FRACTION, pseudo_min_dev_accuracy: float = 0.0, jobs: int = 1,
+                 cached_only: bool = False, **overrides: Any) -> dict[str, Any]:
     """Run every seed x task x combo (cached runs are read back), write the records and the report.
 
     `cached_only` trains nothing: finished runs are read back and their records rewritten (say, after a
@@ -509,6 +521,8 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
         raise ConfigError(f"{taken[0]}: set by the ablation (use --model/--tasks/--seeds/--tricks/--out)")
     if not 0.0 < pseudo_fraction <= 1.0:
         raise ConfigError(f"pseudo-fraction: expected 0 < f <= 1, got {pseudo_fraction}")
+    if not 0.0 <= pseudo_min_dev_accuracy <= 100.0:
+        raise ConfigError(f"pseudo-min-dev-accuracy: expected a percentage in [0, 100], got {pseudo_min_dev_accuracy}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs: expected a whole number >= 1, got {jobs!r}")
     trick_args = dict(overrides.pop("trick_args", None) or {})
@@ -550,10 +564,12 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
         settings["tapt"] = tapt
     is_anchor_model = model == ANCHOR_MODEL or _same_dir(model_dir, minilm_path)
     common = {"model": model, "model_tag": tag, "overrides": settings, "pseudo_fraction": pseudo_fraction,
+              **({"pseudo_min_dev_accuracy": pseudo_min_dev_accuracy} if pseudo_min_dev_accuracy else {}),
               "anchor_model": ANCHOR_MODEL if is_anchor_model else None}
 
     ctx = {"base": base, "trick_args": trick_args, "out": out, "glue_dir": glue_dir, "fraction": pseudo_fraction,
-           "tapt": tapt, "rec_dir": rec_dir, "common": common, "cached_only": cached_only}
+           "tapt": tapt, "rec_dir": rec_dir, "common": common, "cached_only": cached_only,
+           "min_dev_accuracy": pseudo_min_dev_accuracy}
     records: list[dict] = []
     trained = 0
     failed: list[str] = []

@@ -107,6 +107,9 @@ def register(sub, formatter) -> None:
     a.add_argument("--jobs", type=int, default=1,
                    help="runs at once, in worker processes (e.g. 12 for MiniLM on one big GPU; on a CPU each "
                         "worker gets cores // jobs threads)")
+    a.add_argument("--pseudo-min-dev-accuracy", type=float, default=0.0, metavar="PCT",
+                   help="transductive: skip the student (report the teacher) when the teacher's accuracy on the dev "
+                        "rows past the pseudo-label confidence cut is below PCT (default 0: off)")
     a.add_argument("--cached-only", action="store_true",
                    help="train nothing: read back the finished runs under --out, rewrite their records and the "
                         "report, and list the runs that are not cached")
@@ -178,7 +181,8 @@ def _ablate(args: argparse.Namespace) -> int:
     data = _settings(args.recipe, args.settings)
     summary = ablate.run_ablation(args.model, args.tasks, args.seeds, args.tricks, args.out,
                                   results_dir=args.results_dir, tag=args.model_tag,
-                                  pseudo_fraction=args.pseudo_fraction, jobs=args.jobs,
+                                  pseudo_fraction=args.pseudo_fraction,
+                                  pseudo_min_dev_accuracy=args.pseudo_min_dev_accuracy, jobs=args.jobs,
                                   cached_only=args.cached_only, **data)
     missing = summary.get("not_cached") or []
     print(f"trained {summary['trained_runs']} run(s); records: {summary['records_dir']}; "
