@@ -290,6 +290,7 @@ def test_pseudo_label_gate_reports_the_teacher_below_the_bar(sweep, tmp_path, mo
         assert rec["pseudo_min_dev_accuracy"] == bar
         if skipped:
             assert "under pseudo_min_dev_accuracy" in rec["pseudo"]["skipped"]
+            assert rec["pseudo"]["selected"] == 0 and rec["pseudo"]["below_bar"] > 0
             assert rec["dev_score"] == _record(sweep, "vanilla", "wnli")["dev_score"]
             assert rec["run_dir"] == str(sweep["out"] / "vanilla" / "wnli" / "seed0")
         else:

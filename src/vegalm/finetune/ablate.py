@@ -225,8 +225,10 @@ def pseudo_labels_from_run(run_dir: Path, res: dict, task: str, glue_dir: str,
         info.update(dev_accuracy_at_cut(run_dir, res, task, glue_dir, cut))
         acc = info["dev_accuracy_at_cut"]
         if min_dev_accuracy > 0 and (acc is None or acc < min_dev_accuracy):
-            info["skipped"] = (f"the teacher's dev accuracy past the cut is {acc}%, under "
-                               f"pseudo_min_dev_accuracy={min_dev_accuracy:g}%")
+            info["skipped"] = (f"the teacher's dev accuracy past the cut is under "
+                               f"pseudo_min_dev_accuracy={min_dev_accuracy:g}%")  # the figure: dev_accuracy_at_cut
+            info["below_bar"] = info["selected"]  # what would have been used; none is
+            info["selected"], info["per_class"] = 0, [0] * spec.num_labels
             chosen = []
     return chosen, info
 
@@ -236,7 +238,6 @@ def dev_accuracy_at_cut(run_dir: Path, res: dict, task: str, glue_dir: str, cut:
     per-class confidence cut as the kept test rows (dev labels are public; test labels are never read).
     A teacher near chance (MiniLM on RTE) keeps pseudo-labels that are not much better than chance."""
     from vegalm.data.glue import load_split
-
     from vegalm.finetune.transductive import confidences
 
     conf, pred, _ = confidences(np.load(run_dir / "dev_logits.npy"))
@@ -881,14 +882,13 @@ def render_markdown(summary: dict) -> str:
             for t, p in per_task.items():
                 sel = p["selected"]
                 note = f" ({'; '.join(p['skipped'])})" if p["skipped"] else ""
+                acc = p.get("dev_accuracy_at_cut") or []
+                # how right such pseudo-labels are: the teacher on the dev rows past the same cut
+                more = f"; teacher's dev accuracy past the same cut {np.mean(acc):.1f}%" if acc else ""
                 if max(sel) == 0:
-                    lines.append(f"- {c} / {t}: no pseudo-labels{note}; the row reports the teacher's run")
+                    lines.append(f"- {c} / {t}: no pseudo-labels{note}{more}; the row reports the teacher's run")
                 else:
                     span = f"{min(sel)}–{max(sel)}" if min(sel) != max(sel) else f"{sel[0]}"
-                    more = ""
-                    acc = p.get("dev_accuracy_at_cut") or []
-                    if acc:  # how right such pseudo-labels are: the teacher on dev rows past the same cut
-                        more += f"; teacher's dev accuracy past the same cut {np.mean(acc):.1f}%"
                     if p.get("teacher"):  # what the student run adds to its own teacher, same seeds
                         n = len(p["teacher"])
                         more += (f"; teacher {np.mean(p['teacher']):.2f} -> student {np.mean(p['student']):.2f} "
