@@ -358,6 +358,20 @@ def _write_records(root: Path, scores: dict, model: str = "minilm-l6", anchor: s
                 (root / f"{combo}__{task}__seed{seed}.json").write_text(json.dumps(rec))
 
 
+def test_report_names_the_device_and_warns_when_they_differ(tmp_path):
+    _write_records(tmp_path / "r", {"vanilla": {"mrpc": [82.3, 82.9]}})
+    s = ablate.summarize(ablate.load_records(tmp_path / "r"))
+    assert s["devices"] == {} and "Device" not in ablate.render_markdown(s)  # hand-written: none recorded
+    for seed, name in ((0, "NVIDIA H100 80GB HBM3"), (1, None)):
+        f = tmp_path / "r" / f"vanilla__mrpc__seed{seed}.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "device": "cuda" if name else "cpu",
+                                 "device_name": name}))
+    s = ablate.summarize(ablate.load_records(tmp_path / "r"))
+    assert s["devices"] == {"NVIDIA H100 80GB HBM3": 1, "cpu": 1}
+    assert "**Warning: the records come from different devices** (NVIDIA H100 80GB HBM3: 1 runs, cpu: 1 runs)" in (
+        ablate.render_markdown(s))
+
+
 def test_summary_arithmetic_anchor_and_verdict(tmp_path):
     scores = {
         "vanilla": {"rte": [60, 62, 64], "mrpc": [80, 81, 82], "stsb": [84, 85, 86], "cola": [20, 25, 30]},

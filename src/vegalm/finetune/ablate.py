@@ -761,9 +761,16 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         "calibration": calib,
         "pseudo": pseudo,
         "overrides": [json.loads(o) for o in overrides],
+        "devices": _devices(records),
         "anchor": _anchor(records, cells, tasks, combos),
     }
     return summary
+
+
+def _devices(records: list[dict]) -> dict[str, int]:
+    """{device name: number of records}; records without one (hand-written, very old) are not counted."""
+    names = ["cpu" if r.get("device") == "cpu" else (r.get("device_name") or r.get("device")) for r in records]
+    return {d: names.count(d) for d in sorted({n for n in names if n})}
 
 
 def _anchor(records: list[dict], cells: dict, tasks: list[str], combos: list[str]) -> dict | None:
@@ -834,6 +841,13 @@ def render_markdown(summary: dict) -> str:
                   + "; ".join(json.dumps(o) for o in summary["overrides"]), ""]
     elif summary["overrides"] and summary["overrides"][0]:
         lines += ["Settings on top of the vega defaults: " + json.dumps(summary["overrides"][0]), ""]
+    devices = summary.get("devices") or {}
+    if len(devices) > 1:  # the same config gave MRPC 85.3 on a CPU and 82.3 on an H100 (BENCHMARKS.md)
+        lines += ["**Warning: the records come from different devices** ("
+                  + ", ".join(f"{d}: {n} runs" for d, n in devices.items())
+                  + "); one config can score differently on another device, beyond seed noise.", ""]
+    elif devices:
+        lines += [f"Device: {next(iter(devices))}.", ""]
     lines += ["| combo | " + " | ".join(tasks) + " | avg | Δ avg vs vanilla | wall vs vanilla | s/run |",
               "|---|" + "---|" * (len(tasks) + 4)]
     for c in combos:
