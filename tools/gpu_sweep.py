@@ -244,6 +244,8 @@ def run(args: argparse.Namespace, settings: list[str]) -> int:
     glue = (xfer / "glue").resolve()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(args.site)]),
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           # transformers' per-load report (the fresh classifier head, ~10 lines a run) filled the log's tail
+           "TRANSFORMERS_VERBOSITY": "error",
            "CUDA_MPS_PIPE_DIRECTORY": "/tmp/vegalm-mps/pipe", "CUDA_MPS_LOG_DIRECTORY": "/tmp/vegalm-mps/log"}
     probe = ("import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,"
              " 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')")
