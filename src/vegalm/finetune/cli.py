@@ -68,6 +68,7 @@ examples:
   vegalm ablate --model minilm-l6 --seeds 3 --jobs 12 --out runs/ablate     # 12 runs at once on one GPU
   vegalm ablate --summary results/ablation/minilm-l6
   vegalm ablate --summary results/ablation/minilm-l6-gpu --out results/ablation-report/minilm-l6-gpu   # + .md/.png
+  vegalm ablate --model minilm-l6 --seeds 3 --out runs/gpu-abl --cached-only mixed_precision=bf16   # no training
 """
 
 
@@ -109,7 +110,7 @@ def register(sub, formatter) -> None:
                         "worker gets cores // jobs threads)")
     a.add_argument("--pseudo-min-dev-accuracy", type=float, default=0.0, metavar="PCT",
                    help="transductive: skip the student (report the teacher) when the teacher's accuracy on the dev "
-                        "rows past the pseudo-label confidence cut is below PCT (default 0: off)")
+                        "rows past the pseudo-label confidence cut is below PCT (0 = off)")
     a.add_argument("--cached-only", action="store_true",
                    help="train nothing: read back the finished runs under --out, rewrite their records and the "
                         "report, and list the runs that are not cached")
