@@ -80,12 +80,14 @@ def hf_side(args, work: Path) -> dict:
         problem_type="regression" if spec.is_regression else "single_label_classification")
     targs = TrainingArguments(
         output_dir=str(work / "hf"), learning_rate=RUN_GLUE["lr"], per_device_train_batch_size=RUN_GLUE["batch_size"],
-        per_device_eval_batch_size=64, num_train_epochs=RUN_GLUE["epochs"], lr_scheduler_type="linear",
+        per_device_eval_batch_size=64, num_train_epochs=getattr(args, "epochs", None) or RUN_GLUE["epochs"], lr_scheduler_type="linear",
         warmup_steps=0, weight_decay=RUN_GLUE["weight_decay"], adam_epsilon=RUN_GLUE["adam_eps"], max_grad_norm=1.0,
         seed=args.seed, save_strategy="no", eval_strategy="no", report_to="none", logging_steps=50,
         disable_tqdm=not args.progress, use_cpu=not torch.cuda.is_available(),
     )
-    trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=DataCollatorWithPadding(tok))
+    trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=DataCollatorWithPadding(
+        tok, padding="max_length" if getattr(args, "pad_to_max_length", False) else True,  # run_glue.py pads to 128
+        max_length=RUN_GLUE["max_length"]))
     t1 = time.perf_counter()
     out = trainer.train()
     train_s = time.perf_counter() - t1

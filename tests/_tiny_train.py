@@ -93,6 +93,20 @@ class StopAfter:
             trainer.should_stop = True
 
 
+class SignalAt:
+    """Sends SIGTERM to this process at the end of a step, on one rank only (the others must follow it)."""
+
+    def __init__(self, spec: str):
+        step, _, rank = spec.partition(":")
+        self.step, self.rank = int(step), int(rank or 0)
+
+    def on_step_end(self, trainer, step: int) -> None:
+        if step == self.step and trainer.accelerator.process_index == self.rank:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def build(args: argparse.Namespace):
     from vegalm.train.trainer import TrainConfig, Trainer
 
@@ -106,6 +120,7 @@ def build(args: argparse.Namespace):
     ref: dict = {}
     objective = make_objective({int(s) for s in args.nan_at.split(",") if s}, ref, args.step_sleep)
     callbacks = [StopAfter(args.stop_after)] if args.stop_after else []
+    callbacks += [SignalAt(args.signal_at)] if args.signal_at else []
     trainer = Trainer(model, objective, TinyDataset(args.n_samples), collate, cfg, args.out, callbacks=callbacks)
     ref["trainer"] = trainer
     return trainer
@@ -128,6 +143,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-samples", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-after", type=int, default=0, help="stop cleanly (with a checkpoint) after this step")
+    p.add_argument("--signal-at", default="", help="STEP[:RANK]: that rank sends itself SIGTERM after STEP")
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds per micro-batch (widens kill windows)")
     return p.parse_args(argv)
 
@@ -139,7 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     trainer = build(args)
     if trainer.is_main:
         print("TRAINING_STARTED", flush=True)
-    summary = trainer.train(resume=args.resume)
+    from vegalm.errors import Interrupted
+
+    try:
+        summary = trainer.train(resume=args.resume)
+    except Interrupted as e:  # as the vegalm CLI reports it
+        print(e, file=sys.stderr, flush=True)
+        return e.exit_code
     if trainer.is_main:
         print(json.dumps({k: v for k, v in summary.items() if k != "metrics"}), flush=True)
     return 0

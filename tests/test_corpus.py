@@ -13,16 +13,12 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from vegalm.data.corpus import (
-    CorpusStats,
-    SegmentStore,
-    _iter_pieces,
-    build_segments,
-    documents_from_records,
-    iter_documents,
-    measure_tokenization_mbps,
-)
+from vegalm.data.documents import (CorpusStats, _iter_pieces, documents_from_records, iter_documents,
+                                   iter_documents_hub)
+from vegalm.data.packing import build_segments
+from vegalm.data.store import SegmentStore
 from vegalm.data.tokenizer import train_tokenizer
+from vegalm.cache import StaleStageError
 from vegalm.errors import VegaError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpus"
@@ -174,9 +170,13 @@ def test_cache_reuse_and_invalidation(tok, tmp_path):
     assert (out / "input_ids.npy").stat().st_mtime_ns == stamp and not (tmp_path / "seg.tmp").exists()
 
     (corpus / "extra.txt").write_text("A small extra document.\n\nAnd another one.\n\nAnd a third.\n", encoding="utf-8")
-    changed = build_segments(tok, corpus, out, seq_len=64, seed=0, num_proc=1, progress=False)
+    with pytest.raises(StaleStageError, match=r"seg was made with other settings \(files\[1\]\.mtime_ns: .*"
+                                              r"files\[1\]\.size: 42 → 56\); pass --retrain"):
+        build_segments(tok, corpus, out, seq_len=64, seed=0, num_proc=1, progress=False)
+    assert (out / "input_ids.npy").stat().st_mtime_ns == stamp  # refused: the old store is untouched
+    changed = build_segments(tok, corpus, out, seq_len=64, seed=0, num_proc=1, progress=False, retrain=True)
     assert not changed.reused and len(changed) == len(first) + 1
-    other_len = build_segments(tok, corpus, out, seq_len=32, seed=0, num_proc=1, progress=False)
+    other_len = build_segments(tok, corpus, out, seq_len=32, seed=0, num_proc=1, progress=False, retrain=True)
     assert not other_len.reused and other_len.input_ids.shape[1] == 32 and len(other_len) > len(changed)
 
     (tmp_path / "mine").mkdir()
@@ -221,30 +221,50 @@ def test_build_memory_is_bounded_by_chunk_not_corpus(tok, tmp_path):
     assert store.meta["build"]["max_chunk_rows"] < len(store) / 20
 
 
-def test_measure_tokenization_mbps(tok):
-    assert measure_tokenization_mbps(tok, WIKI1, max_mb=0.2) > 0
+def _hub_files(tmp_path, n=200):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"Document {i} talks about topic {i % 7} in several plain words." for i in range(n)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    (tmp_path / "c.txt").write_text("".join(t + "\n" for t in texts))  # the text builder: one line = one record
+    pq.write_table(pa.table({"body": texts}), tmp_path / "c.parquet")
+    return texts
 
 
-def test_hub_corpus_spec_streams_through_the_same_pipeline(tmp_path, monkeypatch):
-    """`hf:NAME:CONFIG:SPLIT:FIELD` goes through datasets.load_dataset (faked here: no network) into
-    the same tokenizer training and packing as local files."""
-    import datasets
+@pytest.mark.parametrize(("builder", "file", "field"), [("json", "c.jsonl", "body"), ("text", "c.txt", "text"),
+                                                        ("parquet", "c.parquet", "body")])
+def test_hub_spec_reads_local_files_through_real_load_dataset(tmp_path, monkeypatch, builder, file, field):
+    from vegalm.data.documents import hub_spec, open_corpus
 
-    from vegalm.data.corpus import build_segments, hub_spec
-    from vegalm.data.tokenizer import train_tokenizer
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    texts = _hub_files(tmp_path)
+    spec = f"hf:{builder}:{tmp_path / file}:train:{field}"
+    assert hub_spec(spec) == {"name": builder, "config": str(tmp_path / file), "split": "train", "text_field": field}
+    stats = CorpusStats()
+    docs, sources = open_corpus(spec, stats)
+    assert list(docs) == texts and stats.docs == len(texts)
+    assert sources[0] == {"hub": spec} and sources[1]["path"] == str((tmp_path / file).resolve())
+    halves = [list(iter_documents_hub(builder, str(tmp_path / file), "train", field, rank=r, world_size=2))
+              for r in range(2)]
+    assert sorted(halves[0] + halves[1]) == sorted(texts) and not set(halves[0]) & set(halves[1]) and halves[0]
 
-    rows = [{"body": f"Document {i} talks about topic {i % 7} in several plain words."} for i in range(200)]
-    calls = []
 
-    def fake_load(name, config=None, split=None, streaming=False):
-        calls.append((name, config, split, streaming))
-        return datasets.Dataset.from_list(rows)
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    spec = "hf:someone/corpus:en:train:body"
-    assert hub_spec(spec) == {"name": "someone/corpus", "config": "en", "split": "train", "text_field": "body"}
-    tok = train_tokenizer(spec, 200, tmp_path / "tok", progress=False, seed_size=5000)
-    store = build_segments(tok, spec, tmp_path / "seg", seq_len=32, seed=0, num_proc=1, progress=False)
-    assert calls[0] == ("someone/corpus", "en", "train", True)
-    assert len(store) > 0 and store.meta["files"] == [{"hub": spec}]
-    assert store[0]["input_ids"][0].item() == 1  # [CLS]
+def test_hub_spec_packs_and_keys_like_local_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    _hub_files(tmp_path)
+    spec = f"hf:json:{tmp_path / '*.jsonl'}:train:body"
+    tok = train_tokenizer(spec, 100, tmp_path / "tok", progress=False, seed_size=5000)
+    store = build_segments(tok, spec, tmp_path / "seg", seq_len=128, seed=0, num_proc=1, progress=False)
+    assert len(store) == 200 and store[0]["input_ids"][0].item() == 1  # one short document per segment; [CLS]
+    assert build_segments(tok, spec, tmp_path / "seg", seq_len=128, seed=0, num_proc=1, progress=False).reused
+    with open(tmp_path / "c.jsonl", "a") as f:
+        f.write('{"body": "One more document."}\n')
+    with pytest.raises(StaleStageError, match=r"files\[1\]\.size"):
+        build_segments(tok, spec, tmp_path / "seg", seq_len=128, seed=0, num_proc=1, progress=False)
+    assert len(build_segments(tok, spec, tmp_path / "seg", seq_len=128, seed=0, num_proc=1, progress=False,
+                              retrain=True)) == 201
+    with pytest.raises(VegaError, match="hf:json: no files match"):
+        build_segments(tok, f"hf:json:{tmp_path / 'none*.jsonl'}", tmp_path / "x", seq_len=128, seed=0, progress=False)

@@ -26,15 +26,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def torchrun(out: Path, *args: str) -> None:
+def torchrun(out: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
     torchrun_bin = Path(sys.executable).with_name("torchrun")
     launcher = [str(torchrun_bin)] if torchrun_bin.exists() else [sys.executable, "-m", "torch.distributed.run"]
     cmd = [*launcher, "--standalone", "--nproc_per_node", "2", str(SCRIPT), "--out", str(out), *args]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert (proc.returncode == 0) == (expect == 0), proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("TRAINING_STARTED") == 1  # printed by the main process only
+    return proc
 
 
 def metrics(out: Path) -> list[dict]:
@@ -67,13 +68,37 @@ def test_two_processes_match_one(tmp_path):
     assert (ckpt / "rng_rank0.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()
 
 
+COMMON = ["--steps", "8", "--batch-size", "8", "--dropout", "0.1", "--save-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """2 processes with dropout, 8 steps uninterrupted (one torchrun launch, ~8-12 s)."""
+    out = tmp_path_factory.mktemp("ddp") / "straight"
+    torchrun(out, *COMMON)
+    return out
+
+
 @pytest.mark.slow  # three torchrun launches: ~20-35 s on 2 shared cores
-def test_ddp_resume_is_bit_exact(tmp_path):
+def test_ddp_resume_is_bit_exact(straight, tmp_path):
     """Per-process RNG files: 2 processes with dropout, stop at 4, resume to 8 == straight 8."""
-    common = ["--steps", "8", "--batch-size", "8", "--dropout", "0.1", "--save-every", "4"]
-    torchrun(tmp_path / "straight", *common)
-    torchrun(tmp_path / "resumed", *common, "--stop-after", "4")
-    torchrun(tmp_path / "resumed", *common, "--resume")
-    a, b = weights(tmp_path / "straight", 8), weights(tmp_path / "resumed", 8)
+    torchrun(tmp_path / "resumed", *COMMON, "--stop-after", "4")
+    torchrun(tmp_path / "resumed", *COMMON, "--resume")
+    a, b = weights(straight, 8), weights(tmp_path / "resumed", 8)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [m["loss"] for m in metrics(tmp_path / "straight")] == [m["loss"] for m in metrics(tmp_path / "resumed")]
+    assert [m["loss"] for m in metrics(straight)] == [m["loss"] for m in metrics(tmp_path / "resumed")]
+
+
+def test_ddp_sigterm_on_one_rank_stops_every_rank(straight, tmp_path):
+    """Only rank 1 gets SIGTERM (after step 3): both ranks stop at the same step boundary, save one
+    checkpoint together, report it and exit 143; the re-run resumes to the uninterrupted weights."""
+    out = tmp_path / "cut"
+    proc = torchrun(out, *COMMON, "--signal-at", "3:1", expect=143)  # torchrun itself exits 1
+    ckpt = out / "checkpoints" / "step-000004"  # the signal rides on step 4's gather: both ranks stop there
+    line = f"interrupted at step 4: checkpoint saved in {ckpt}; run the same command again to resume"
+    assert proc.stderr.count(line) == 2, proc.stderr[-4000:]  # one line per rank, no rank left hanging
+    assert "vegalm/train/" not in proc.stderr  # no worker traceback (torchrun prints its own report of the exit)
+    assert (ckpt / "COMPLETE").is_file() and (ckpt / "rng_rank0.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()
+    torchrun(out, *COMMON, "--resume")
+    a, b = weights(straight, 8), weights(out, 8)
+    assert all(torch.equal(a[k], b[k]) for k in a)

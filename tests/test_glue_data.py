@@ -369,3 +369,37 @@ def test_load_split_hub_without_network(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(GlueFormatError, match=re.escape("could not load nyu-mll/glue rte/validation")):
         load_split_hub("rte", "dev")
+
+
+@pytest.mark.parametrize(("task", "dir_name", "header"), [
+    ("rte", "RTE", ["index", "sentence1", "sentence2"]),
+    ("qqp", "QQP", QQP_TEST),
+    ("cola", "CoLA", ["index", "sentence"]),
+])
+def test_duplicate_test_index_is_caught_at_load_with_file_and_line(tmp_path, task, dir_name, header):
+    width = len(header) - 1
+    rows = [["0", *["a"] * width], ["1", *["b"] * width], ["2", *["c"] * width], ["1", *["d"] * width]]
+    path = write_tsv(tmp_path / dir_name / "test.tsv", header, rows)
+    with pytest.raises(GlueFormatError, match=rf"^{re.escape(str(path))}:5: duplicate index 1 \(first on line 3\)$"):
+        load_split(task, "test", tmp_path)
+    write_tsv(path, header, rows[:3])
+    assert [e.index for e in load_split(task, "test", tmp_path)] == [0, 1, 2]
+
+
+@needs_real
+def test_real_test_files_have_no_duplicate_indices():
+    for task, split in REAL_COUNTS:
+        if split == "test":
+            assert len({e.index for e in load_split(task, split, GLUE_DIR)}) == REAL_COUNTS[task, split]
+
+
+@pytest.mark.parametrize("split", ["dev", "test"])
+def test_a_directory_where_a_tsv_belongs_says_so(tmp_path, split):
+    write_tsv(tmp_path / "RTE" / "train.tsv", RTE_HEADER, [["0", "a", "b", "entailment"]])
+    (tmp_path / "RTE" / f"{split}.tsv").mkdir()
+    where = tmp_path / "RTE" / f"{split}.tsv"
+    msg = rf"^{re.escape(str(where))}: is a directory, expected the TSV file of GLUE task rte, split {split}$"
+    with pytest.raises(GlueFormatError, match=msg):
+        load_split("rte", split, tmp_path)
+    with pytest.raises(GlueFormatError, match=msg):  # not skipped as absent by load_task
+        load_task("rte", tmp_path)

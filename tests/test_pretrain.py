@@ -249,3 +249,47 @@ def test_rtd_resume_is_bit_exact(tmp_path):
     resumed = run(tmp_path / "b", 4, resume=True)
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
+
+
+@pytest.mark.slow
+def test_changed_rerun_refuses_or_retrains_and_recipe_json_tells_the_truth(tmp_path):
+    """A finished `vegalm pretrain` rerun with another phase1.train.lr / max_steps: without --retrain one line
+    naming the changed keys and nothing touched; with it phase 1, phase 2 and the export are trained again."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(repo / "src"))
+    out = tmp_path / "pt"
+    small = ["data.max_docs=200", "data.tokenizer_max_docs=200", "data.vocab_size=400", "phase1.train.max_steps=4",
+             "phase2.train.max_steps=2", "phase1.train.save_every=0", "phase2.train.save_every=0",
+             "health.heldout_segments=0", "health.sts_dev=null"]  # fmt: skip
+
+    def pretrain(*extra):
+        return subprocess.run([sys.executable, "-m", "vegalm.cli", "pretrain", "--recipe", "recipes/smoke.yaml",
+                               "--out", str(out), *small, *extra], capture_output=True, text=True, env=env,
+                              cwd=repo, timeout=900)  # fmt: skip
+
+    first = pretrain()
+    assert first.returncode == 0, first.stderr[-3000:]
+    weights = out / "discriminator" / "model.safetensors"
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix != ".pid"}
+    changed = ["phase1.train.lr=5e-4", "phase1.train.max_steps=6"]
+    refused = pretrain(*changed)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    line = [x for x in refused.stderr.splitlines() if x.strip()][-1]
+    lr = json.loads((out / "recipe.json").read_text())["phase1"]["train"]["lr"]
+    assert line.startswith("error: ") and f"phase1.train.lr: {lr} → 0.0005" in line and "--retrain" in line, line
+    assert "phase1.train.max_steps: 4 → 6" in line, line
+    assert {p: p.read_bytes() for p in files if p.exists()} == files  # nothing rewritten, nothing deleted
+    again = pretrain(*changed, "--retrain")
+    assert again.returncode == 0, again.stderr[-3000:]
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["phase1"]["train"]["lr"] == 5e-4 and recipe["phase1"]["train"]["max_steps"] == 6
+    assert json.loads((out / "phase1" / "done.json").read_text())["step"] == 6
+    assert weights.read_bytes() != files[weights]  # phase 2 and the export followed the retrained phase 1
+    stamp = weights.stat().st_mtime_ns
+    same = pretrain(*changed)
+    assert same.returncode == 0 and weights.stat().st_mtime_ns == stamp, same.stderr[-3000:]

@@ -18,9 +18,12 @@ import ast
 import importlib.util
 import json
 import random
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,6 +122,86 @@ def test_differences_detects_a_changed_weight(setup, tmp_path):
     assert len(diffs) == 1 and "phase2/checkpoints/step-000004" in diffs[0]
 
 
+def test_sigterm_pretrain_says_how_to_resume_then_rerun_is_bit_exact(setup, tmp_path):
+    """SIGTERM (what Slurm / Kubernetes send) mid-phase-1: a checkpoint at the next step boundary, one line,
+    exit 143; re-running the same command gives the uninterrupted run's weights bit for bit."""
+    out = tmp_path / "run"
+    cmd = kr.pretrain_cmd(out, setup.extra)
+    log = tmp_path / "term.log"
+    proc = kr._launch(cmd, log, setup.env)
+    metrics = out / "phase1" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:  # step 2 of 8 logged
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=120)
+    text = log.read_text()
+    lines = [ln for ln in text.splitlines() if ln.startswith("interrupted at step")]
+    assert rc == 143 and len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    m = re.fullmatch(r"interrupted at step (\d+): checkpoint saved in (\S+); run the same command again to resume",
+                     lines[0])
+    assert m and Path(m[2]).parent == out / "phase1" / "checkpoints", lines[0]
+    assert (Path(m[2]) / MARKER).is_file() and latest_checkpoint(Path(m[2]).parent) == Path(m[2])
+    assert not (out / "phase1" / "done.json").exists() and not (out / "summary.json").exists()
+    rc, _ = kr.run_to_end(cmd, tmp_path / "rerun.log", setup.env)
+    assert rc == 0, (tmp_path / "rerun.log").read_text()[-2000:]
+    assert f"resumed from {m[2]}" in (tmp_path / "rerun.log").read_text()
+    assert kr.differences(setup.ref, out) == []
+
+
+def test_exported_files_follow_hf_conventions(setup):
+    """The reference run's real export: config.json says which transformers wrote it and has no stale
+    torch_dtype; tokenizer_config.json holds no loading-time keys; both folders load in transformers."""
+    import transformers
+    from transformers import AutoModel, AutoTokenizer
+
+    from vegalm.model.hf import RUNTIME_TOKENIZER_KEYS
+
+    for name in ("discriminator", "generator"):
+        folder = setup.ref / name
+        cfg = json.loads((folder / "config.json").read_text())
+        assert cfg["transformers_version"] == transformers.__version__ and "torch_dtype" not in cfg
+        assert cfg["dtype"] == "float32"
+        tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        assert not set(tok_cfg) & set(RUNTIME_TOKENIZER_KEYS), sorted(tok_cfg)
+        assert AutoModel.from_pretrained(folder).config.hidden_size == cfg["hidden_size"]
+        assert AutoTokenizer.from_pretrained(folder)("a test")["input_ids"]
+
+
+def test_raw_rtd_pair_loads_with_heads_and_continues(setup):
+    """The raw RTD models of the export: the generator with its MLM head in transformers'
+    AutoModelForMaskedLM (same logits as ours), the discriminator with its RTD head (the trained one, bit
+    for bit), and the pair re-shared by RTDModel.from_parts computes the RTD loss (docs/rtd-export.md)."""
+    from transformers import AutoModelForMaskedLM
+
+    from vegalm.model.modeling import VegaForMaskedLM, VegaForRTD
+    from vegalm.pretrain.rtd import ObjectiveConfig, RTDModel
+
+    gen_dir, disc_dir = setup.ref / "generator", setup.ref / "discriminator"
+    torch.manual_seed(0)
+    ids = torch.randint(5, 400, (2, 16))
+    mask = torch.ones_like(ids)
+    ours = VegaForMaskedLM.from_pretrained(gen_dir).eval()
+    hf = AutoModelForMaskedLM.from_pretrained(gen_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).logits,
+                                   ours(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+    disc = VegaForRTD.from_pretrained(disc_dir)
+    trained = load_file(str(setup.ref / "phase2" / "checkpoints" / "step-000004" / "model.safetensors"))
+    head = {k: v for k, v in disc.state_dict().items() if k.startswith("mask_predictions.")}
+    assert len(head) == 6 and all(torch.equal(v, trained["discriminator." + k]) for k, v in head.items())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gen_dir)
+    special = (tok.cls_token_id, tok.sep_token_id, tok.pad_token_id)
+    pair = RTDModel.from_parts(ours.train(), disc, ObjectiveConfig(), mask_id=tok.mask_token_id, special_ids=special)
+    loss = pair(input_ids=ids, attention_mask=mask)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and disc.deberta.embeddings.word_embeddings.delta.grad is not None
+
+
 # --------------------------------------------------------------------------------- 2. kill inside a checkpoint write
 def test_kill_during_checkpoint_write(setup, tmp_path):
     out = tmp_path / "run"
@@ -179,7 +262,7 @@ def test_pretrain_on_a_dirty_corpus(setup, tmp_path):
     assert stats["long_docs_split"] >= 9  # 10 M characters, documents of at most 1 M
     assert stats["docs"] == 5 + 5 + 10 and stats["bytes"] > 10_000_000
     assert (out / "discriminator" / "model.safetensors").is_file()
-    from vegalm.data.corpus import iter_documents
+    from vegalm.data.documents import iter_documents
 
     first = next(iter(iter_documents([corpus / "a_bom.txt"])))
     assert not first.startswith("\ufeff")

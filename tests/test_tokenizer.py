@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from vegalm.data.corpus import iter_documents
+from vegalm.cache import STAGE_FILE, StaleStageError
+from vegalm.data.documents import iter_documents
 from vegalm.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, tokenizer_train_main, train_tokenizer
 from vegalm.errors import VegaError
 
@@ -120,3 +121,62 @@ def test_cli_main_and_bad_inputs(tmp_path, capsys):
         train_tokenizer(str(tmp_path / "*.txt.gz"), 300, tmp_path / "u")
     with pytest.raises(VegaError, match="vocab_size"):
         train_tokenizer(str(WIKI / "wiki-002.txt.gz"), 3, tmp_path / "u")
+
+
+def _tiny_train(corpus, vocab, out, **kw):
+    return train_tokenizer(corpus, vocab, out, seed_size=5000, shrinking_factor=0.5, n_sub_iterations=1,
+                           progress=False, **kw)
+
+
+def test_stale_tokenizer_is_never_reused_silently(tmp_path):
+    """The issue's case: a tokenizer left by a run on a one-line corpus must not serve the corrected run."""
+    tiny = tmp_path / "one_line.txt"
+    tiny.write_text("Only one short line here.\n")
+    out = tmp_path / "tok"
+    _tiny_train(tiny, 300, out)
+    small = json.loads((out / "tokenizer.json").read_text())
+    stamp = (out / "tokenizer.json").stat().st_mtime_ns
+    assert _tiny_train(tiny, 300, out) is not None and (out / "tokenizer.json").stat().st_mtime_ns == stamp  # reused
+    real = str(DATA / "gutenberg" / "blake-poems.txt.gz")
+    with pytest.raises(StaleStageError, match=r"tok was made with other settings \(corpus\[0\]\.mtime_ns: .*"
+                                              r"corpus\[0\]\.path: .*one_line.txt\" → .*poems.txt.gz\";"
+                                              r".*; pass --retrain"):
+        _tiny_train(real, 300, out)
+    with pytest.raises(StaleStageError, match=r"vocab_size: 300 → 400"):
+        _tiny_train(tiny, 400, out)
+    assert (out / "tokenizer.json").stat().st_mtime_ns == stamp  # refused: nothing rewritten
+    hf = _tiny_train(real, 300, out, max_docs=200, retrain=True)
+    assert len(hf) == 300 and json.loads((out / "tokenizer.json").read_text()) != small
+
+
+def test_legacy_tokenizer_folder_without_stage_record_is_retrained(tmp_path):
+    tiny = tmp_path / "one_line.txt"
+    tiny.write_text("Only one short line here.\n")
+    out = tmp_path / "tok"
+    _tiny_train(tiny, 300, out)
+    (out / STAGE_FILE).unlink()  # what an older vegalm left: files, no key
+    hf = _tiny_train(str(DATA / "gutenberg" / "blake-poems.txt.gz"), 300, out, max_docs=200)
+    assert len(hf) == 300 and (out / STAGE_FILE).is_file()
+
+
+def test_someone_elses_tokenizer_folder_is_not_overwritten(tmp_path):
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "tokenizer.json").write_text("{}")
+    with pytest.raises(VegaError, match="already holds tokenizer.json, which vegalm did not write"):
+        _tiny_train(str(WIKI / "wiki-002.txt.gz"), 300, tmp_path / "theirs", max_docs=50)
+    assert (tmp_path / "theirs" / "tokenizer.json").read_text() == "{}"
+
+
+def test_degenerate_vocabulary_warns_loudly(tmp_path, capsys, caplog):
+    tiny = tmp_path / "one_line.txt"
+    tiny.write_text("Only one short line here.\n")
+    with caplog.at_level("WARNING", logger="vegalm.data.tokenizer"):
+        hf = _tiny_train(tiny, 1000, tmp_path / "tok")
+    line = f"tokenizer: only {len(hf)} pieces for 1000 asked"
+    assert len(hf) < 500
+    assert any(line in r.getMessage() for r in caplog.records)
+    err = capsys.readouterr().err.splitlines()
+    assert sum(line in e for e in err) == 1
+    capsys.readouterr()
+    _tiny_train(str(DATA / "gutenberg" / "blake-poems.txt.gz"), 300, tmp_path / "ok", max_docs=200)
+    assert "pieces for" not in capsys.readouterr().err

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from vegalm.config import ConfigError, from_dict
-from vegalm.errors import VegaError
+from vegalm.errors import Interrupted, VegaError
 from vegalm.train.checkpoint import capture_rng, restore_rng
 from vegalm.train.optim import default_layer_id, layerwise_lr_groups, lr_multiplier, no_decay_names
 from vegalm.train.sampler import ResumableBatchSampler
@@ -174,6 +176,49 @@ def test_save_final_off_writes_no_checkpoint(tmp_path):
     summary = make_trainer(tmp_path, max_steps=3, save_final=False).train()
     assert summary["step"] == 3 and summary["checkpoint"] is None
     assert not list(tmp_path.rglob("step-*"))  # fine-tuning keeps weights, not optimizer state
+
+
+class SendSignal:
+    """Sends `sig` to this very process at the end of the given steps (the real signal path, no mock)."""
+
+    def __init__(self, sig, steps, times=1):
+        self.sig, self.steps, self.times = sig, set(steps), times
+
+    def on_step_end(self, trainer, step):
+        if step in self.steps:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.sig)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_raises_and_resumes_bit_exact(tmp_path, sig):
+    straight = make_trainer(tmp_path / "straight", max_steps=8, save_every=4)
+    straight.train()
+    before = signal.getsignal(sig)
+    with pytest.raises(Interrupted) as e:
+        make_trainer(tmp_path / "cut", callbacks=[SendSignal(sig, {3})], max_steps=8, save_every=4).train()
+    assert signal.getsignal(sig) is before  # the trainer's handler is gone after train()
+    ckpt = tmp_path / "cut" / "checkpoints" / "step-000003"
+    assert e.value.step == 3 and e.value.checkpoint == str(ckpt) and (ckpt / "COMPLETE").is_file()
+    assert e.value.exit_code == 128 + sig and "\n" not in str(e.value)
+    assert str(e.value) == f"interrupted at step 3: checkpoint saved in {ckpt}; run the same command again to resume"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = make_trainer(tmp_path / "cut", max_steps=8, save_every=4)
+    assert resumed.train(resume=True)["resumed_from"] == 3
+    assert same(list(straight.model.parameters()), list(resumed.model.parameters()))
+
+
+def test_signal_without_checkpointing_says_so(tmp_path):
+    with pytest.raises(Interrupted, match="no checkpoint .checkpointing is off"):
+        make_trainer(tmp_path, callbacks=[SendSignal(signal.SIGTERM, {2})], max_steps=6, save_final=False).train()
+    assert not list(tmp_path.rglob("step-*"))
+
+
+def test_second_sigint_stops_at_once(tmp_path):
+    with pytest.raises(KeyboardInterrupt) as e:  # the second Ctrl-C: Python's own KeyboardInterrupt, no checkpoint
+        make_trainer(tmp_path, callbacks=[SendSignal(signal.SIGINT, {2}, times=2)], max_steps=6).train()
+    assert not isinstance(e.value, Interrupted) and not list(tmp_path.rglob("step-*"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 # ----------------------------------------------------------------------------- optimizer groups

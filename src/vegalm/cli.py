@@ -2,7 +2,7 @@
 
     vegalm run --recipe recipes/tiny.yaml --out runs/demo        # the whole recipe (make demo)
     vegalm tokenizer train --corpus '../shared/data/corpus/**/*.gz' --vocab-size 8000 --out runs/tok
-    vegalm pretrain --recipe recipes/tiny.yaml --out runs/pt train.lr=5e-4
+    vegalm pretrain --recipe recipes/tiny.yaml --out runs/pt phase1.train.lr=5e-4
     vegalm finetune --task rte --model runs/pt/discriminator --out runs/ft-rte
     vegalm glue --model PATH --tasks cola,sst2,mrpc,stsb,rte,wnli,qnli --seeds 3 --out runs/glue
     vegalm ablate --model PATH --tasks rte,mrpc,stsb,cola --seeds 3 --tricks vanilla,adv,all --out runs/abl
@@ -20,7 +20,7 @@ import importlib
 import logging
 import sys
 
-from vegalm.errors import VegaError
+from vegalm.errors import Interrupted, VegaError
 
 # Modules that add subcommands. A module that is missing (work in progress) is skipped.
 AREAS = (
@@ -40,6 +40,10 @@ def _model_info(args: argparse.Namespace) -> int:
 
     from vegalm.model import VegaModel, config_for_size
 
+    from vegalm.model.config import SIZES
+
+    if args.size not in SIZES:
+        raise VegaError(f"--size {args.size}: expected one of {', '.join(SIZES)}")
     cfg = config_for_size(args.size, vocab_size=args.vocab_size)
     with torch.device("meta"):  # no memory is allocated: shapes only
         model = VegaModel(cfg, init=False)
@@ -64,9 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         "example: vegalm model-info --size vega-1.3b --vocab-size 128100",
         formatter_class=_Formatter,
     )
-    from vegalm.model.config import SIZES
-
-    p.add_argument("--size", choices=list(SIZES), default="tiny")
+    # no `choices`: the size table lives in vegalm.model, whose import pulls in torch (checked in _model_info)
+    p.add_argument("--size", default="tiny", help="tiny, xsmall, small, base, large or vega-1.3b")
     p.add_argument("--vocab-size", type=int, default=128100)
     p.set_defaults(func=_model_info)
     for name in AREAS:
@@ -77,7 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         mod.register(sub, _Formatter)
+    _debug_everywhere(ap)
     return ap
+
+
+def _debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept --debug after any subcommand too (SUPPRESS: an absent one keeps the top-level value)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if "--debug" not in sub._option_string_actions:
+                    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+                _debug_everywhere(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Interrupted: the Trainer stopped at a step boundary and says how to resume
+        print(e if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
+        return e.exit_code if isinstance(e, Interrupted) else 130
 
 
 if __name__ == "__main__":

@@ -246,11 +246,13 @@ def split_path(task: str, split: str, glue_dir: str | Path | None = None) -> Pat
 def available_splits(task: str, glue_dir: str | Path | None = None) -> list[str]:
     """The splits of `task` whose file exists under `glue_dir`, in the registry's order."""
     spec = get_task(task)
-    return [s for s in spec.files if split_path(spec.name, s, glue_dir).is_file()]
+    return [s for s in spec.files if split_path(spec.name, s, glue_dir).exists()]  # a folder there: load_split says so
 
 
 def _read_rows(path: Path, spec: TaskSpec, split: str):
     """Yield (line_number, fields) for non-blank lines; errors name the file and task/split."""
+    if path.is_dir():
+        raise GlueFormatError(f"{path}: is a directory, expected the TSV file of GLUE task {spec.name}, split {split}")
     if not path.is_file():
         raise GlueFormatError(
             f"{path}: file not found (GLUE task {spec.name}, split {split}); "
@@ -308,6 +310,7 @@ def load_split(task: str, split: str, glue_dir: str | Path | None = None) -> lis
     ii = pos[layout.index] if layout.index else None
 
     out: list[Example] = []
+    seen: dict[int, int] = {}  # index -> line where it first appeared
     for line, row in rows:
         if len(row) != ncols:
             raise GlueFormatError(
@@ -319,6 +322,9 @@ def load_split(task: str, split: str, glue_dir: str | Path | None = None) -> lis
                 index = int(row[ii])
             except ValueError:
                 raise GlueFormatError(f"{path}:{line}: index {row[ii]!r} is not an integer") from None
+            if index in seen:
+                raise GlueFormatError(f"{path}:{line}: duplicate index {index} (first on line {seen[index]})")
+            seen[index] = line
         else:
             index = len(out)
         label = _parse_label(spec, row[il], f"{path}:{line}") if il is not None else None

@@ -29,7 +29,9 @@ CLI (wired by the lead): `vegalm tokenizer train --corpus GLOB --vocab-size N --
 from __future__ import annotations
 
 import json
+import logging
 import re
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,8 +40,12 @@ from typing import Any
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
 
-from vegalm.data.corpus import CorpusStats, open_corpus
+from vegalm.cache import check_stage, clear_stage, stage_key, write_stage
+from vegalm.data.documents import DEFAULT_MAX_DOC_CHARS, DEFAULT_MAX_LINE_CHARS, CorpusStats, open_corpus
 from vegalm.errors import VegaError
+from vegalm.io import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]")
 PAD_ID, CLS_ID, SEP_ID, UNK_ID, MASK_ID = range(len(SPECIAL_TOKENS))
@@ -48,6 +54,11 @@ DEFAULT_MODEL_MAX_LENGTH = 512
 # C0/C1 control characters except tab/newline/CR (those become spaces), plus zero-width space/joiners and the BOM.
 _CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200d\ufeff]"
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+INFO_FILE = "vegalm_tokenizer.json"
+# The files save_tokenizer writes: a folder holding one of them but no INFO_FILE is someone else's tokenizer.
+_WRITTEN = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+FORMAT_VERSION = 1  # bump when the pipeline (normaliser, pre-tokeniser, specials) changes what training gives
+_SMALL_VOCAB = 0.5  # warn when training ends below this fraction of the requested vocabulary
 
 
 def new_unigram_tokenizer() -> Tokenizer:
@@ -94,12 +105,15 @@ def train_tokenizer(
     n_sub_iterations: int = 2,
     max_piece_length: int = 16,
     progress: bool = True,
+    retrain: bool = False,
 ) -> Any:
-    """Train a Unigram tokenizer on documents from `files` (paths, a glob, or a folder; .txt or .txt.gz).
+    """Train a Unigram tokenizer on documents from `files` (paths, a glob, or a folder; .txt or .txt.gz; `hf:` spec).
 
     `max_docs` / `max_chars` cap how much text is read. The keyword-only knobs are the Unigram trainer's
     (defaults = `tokenizers`/SentencePiece defaults); tests lower `seed_size` and `shrinking_factor` for speed.
-    Returns the saved tokenizer reloaded through `load_tokenizer`, i.e. exactly what later code will see.
+    `out_dir` is a stage (`vegalm.cache`) keyed by the corpus files (path, size, mtime; or the `hf:` spec) and every
+    setting above: a finished one with the same key is reused, another key retrains when `retrain`, else
+    `StaleStageError`. Returns the saved tokenizer reloaded through `load_tokenizer`, i.e. what later code will see.
     """
     if not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS) + 1:
         raise VegaError(f"vocab_size: expected an integer above {len(SPECIAL_TOKENS) + 1}, got {vocab_size!r}")
@@ -107,6 +121,18 @@ def train_tokenizer(
     stats = CorpusStats()
     docs: Iterable[str]
     docs, sources = open_corpus(files, stats, max_docs=max_docs, max_chars=max_chars)
+    trainer_args = {"seed_size": seed_size, "shrinking_factor": shrinking_factor,
+                    "n_sub_iterations": n_sub_iterations, "max_piece_length": max_piece_length}
+    key = stage_key(format=FORMAT_VERSION, corpus=sources, vocab_size=vocab_size, max_docs=max_docs,
+                    max_chars=max_chars, max_line_chars=DEFAULT_MAX_LINE_CHARS, max_doc_chars=DEFAULT_MAX_DOC_CHARS,
+                    model_max_length=model_max_length, trainer=trainer_args)
+    if check_stage(out_dir, key, retrain=retrain) == "done":
+        log.info("tokenizer: %s matches its corpus and settings; reused", out_dir)
+        return load_tokenizer(out_dir)
+    foreign = next((n for n in _WRITTEN if (out_dir / n).exists()), None)
+    if foreign is not None and not (out_dir / INFO_FILE).is_file():
+        raise VegaError(f"tokenizer: {out_dir} already holds {foreign}, which vegalm did not write (no {INFO_FILE}); "
+                        "not overwriting it")
     docs = tqdm(docs, total=max_docs, unit="doc", desc="tokenizer: reading", disable=not progress)
 
     tok = new_unigram_tokenizer()
@@ -127,7 +153,9 @@ def train_tokenizer(
         raise VegaError(f"no documents found in {', '.join(str(x.get('path', x.get('hub'))) for x in sources)}")
     tok.post_processor = _post_processor()
     _check_special_ids(tok, "trained tokenizer")
+    clear_stage(out_dir)  # the old files are about to be replaced
     save_tokenizer(tok, out_dir, model_max_length=model_max_length)
+    _warn_if_small(tok.get_vocab_size(), vocab_size, stats)
     info = {
         "vocab_size_requested": vocab_size,
         "vocab_size": tok.get_vocab_size(),
@@ -136,11 +164,21 @@ def train_tokenizer(
         "corpus_stats": stats.as_dict(),
         "max_docs": max_docs,
         "max_chars": max_chars,
-        "trainer": {"seed_size": seed_size, "shrinking_factor": shrinking_factor,
-                    "n_sub_iterations": n_sub_iterations, "max_piece_length": max_piece_length},
+        "trainer": trainer_args,
     }
-    (out_dir / "vegalm_tokenizer.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(out_dir / INFO_FILE, info)
+    write_stage(out_dir, key)  # last: its presence marks a finished tokenizer
     return load_tokenizer(out_dir)
+
+
+def _warn_if_small(got: int, asked: int, stats: CorpusStats) -> None:
+    """A vocabulary far below the one asked for means the corpus was too small for it: say so loudly."""
+    if got >= _SMALL_VOCAB * asked:
+        return
+    msg = (f"tokenizer: only {got} pieces for {asked} asked ({stats.docs} documents, {stats.bytes} bytes read); "
+           "the corpus is too small for this vocab_size")
+    log.warning(msg)
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> None:
@@ -165,7 +203,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int = 
     cfg_path = out_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_json(cfg_path, cfg, ensure_ascii=False)
 
 
 def load_tokenizer(path_or_name: str | Path) -> Any:
@@ -203,11 +241,12 @@ def backend_tokenizer(tokenizer: Any) -> Tokenizer:
     return backend
 
 
-def tokenizer_train_main(corpus: str, vocab_size: int, out: str, max_docs: int | None = None) -> int:
-    """Body of `vegalm tokenizer train --corpus GLOB --vocab-size N --out DIR [--max-docs N]`."""
+def tokenizer_train_main(corpus: str, vocab_size: int, out: str, max_docs: int | None = None,
+                         retrain: bool = False) -> int:
+    """Body of `vegalm tokenizer train --corpus GLOB --vocab-size N --out DIR [--max-docs N] [--retrain]`."""
     start = time.perf_counter()
-    tok = train_tokenizer(corpus, vocab_size, out, max_docs=max_docs)
-    info = json.loads((Path(out) / "vegalm_tokenizer.json").read_text(encoding="utf-8"))
+    tok = train_tokenizer(corpus, vocab_size, out, max_docs=max_docs, retrain=retrain)
+    info = json.loads((Path(out) / INFO_FILE).read_text(encoding="utf-8"))
     stats = info["corpus_stats"]
     print(
         f"tokenizer: Unigram vocab {len(tok)} (asked {vocab_size}) from {stats['docs']} docs "

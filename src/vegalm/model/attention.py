@@ -100,8 +100,13 @@ class DisentangledSelfAttention(nn.Module):
         pad: torch.Tensor | None,
         rel_emb: torch.Tensor | None,
         rel: "RelContext | None",
+        packing=None,
     ) -> torch.Tensor:
-        q, k, v = (self._heads(p(x)) for p in (self.query_proj, self.key_proj, self.value_proj))
+        """x: [B, L, h], or the packed real tokens [T, h] with `packing` (model/unpad.py); returns the same layout."""
+        proj = [p(x) for p in (self.query_proj, self.key_proj, self.value_proj)]
+        if packing is not None:  # attention is the one op that needs each sequence's tokens side by side
+            proj = [packing.pad(t) for t in proj]
+        q, k, v = (self._heads(t) for t in proj)
         impl = self.impl
         if impl == "auto":
             impl = "sdpa" if q.is_cuda else "fused"
@@ -116,7 +121,8 @@ class DisentangledSelfAttention(nn.Module):
             out = self._flex(q, k, v, pad, rel_emb, rel)
         else:
             out = self._biased(q, k, v, pad, rel_emb, rel, fused=impl == "fused")
-        return out.transpose(-3, -2).flatten(-2)  # [B, L, H*D]
+        out = out.transpose(-3, -2).flatten(-2)  # [B, L, H*D]
+        return out if packing is None else packing.unpad(out)
 
     # ---- reference --------------------------------------------------------------------------
     def _eager(self, q, k, v, pad, rel_emb, rel):

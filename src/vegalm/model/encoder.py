@@ -75,8 +75,8 @@ class _Attention(nn.Module):
         self.self = DisentangledSelfAttention(cfg)
         self.output = _AddNorm(cfg.hidden_size, cfg)
 
-    def forward(self, x, pad, rel_emb, rel):
-        return self.output(self.self(x, pad, rel_emb, rel), x)
+    def forward(self, x, pad, rel_emb, rel, packing=None):
+        return self.output(self.self(x, pad, rel_emb, rel, packing), x)
 
 
 class _Intermediate(nn.Module):
@@ -96,8 +96,8 @@ class Layer(nn.Module):
         self.intermediate = _Intermediate(cfg)
         self.output = _AddNorm(cfg.intermediate_size, cfg)
 
-    def forward(self, x, pad, rel_emb, rel):
-        a = self.attention(x, pad, rel_emb, rel)
+    def forward(self, x, pad, rel_emb, rel, packing=None):
+        a = self.attention(x, pad, rel_emb, rel, packing)
         return self.output(self.intermediate(a), a)
 
 
@@ -121,21 +121,24 @@ class Encoder(nn.Module):
         w = self.rel_embeddings.weight
         return self.LayerNorm(w) if self.LayerNorm is not None else w
 
-    def forward(self, x, pad, output_hidden_states: bool = False):
+    def forward(self, x, pad, output_hidden_states: bool = False, packing=None):
+        """x [B, L, h]; with `packing` (model/unpad.py) the layers run on the packed real tokens only."""
         rel = None
         if self.relative:
             idx, lo, hi = self._rel.get(x.shape[1], x.device)
             rel = RelContext(idx, lo, hi)
         rel_emb = self.rel_embedding()
         states = [x] if output_hidden_states else None
+        if packing is not None:
+            x = packing.unpad(x)
         for layer in self.layer:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, pad, rel_emb, rel, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, pad, rel_emb, rel, packing, use_reentrant=False)
             else:
-                x = layer(x, pad, rel_emb, rel)
+                x = layer(x, pad, rel_emb, rel, packing)
             if states is not None:
-                states.append(x)
-        return x, states
+                states.append(x if packing is None else packing.pad(x))
+        return (x if packing is None else packing.pad(x)), states
 
 
 def init_weights(module: nn.Module, std: float) -> None:

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vegalm.errors import VegaError
+from vegalm.io import atomic_write_text
 from vegalm.model.config import EncoderConfig
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,10 @@ def _normalise_keys(state: dict[str, torch.Tensor], prefix: str) -> dict[str, to
 def load_pretrained(cls, path, reinit_head: bool = False, strict_head: bool = False, **model_kwargs):
     """Build `cls` from a checkpoint folder. `model_kwargs` go to the constructor (e.g. num_labels)."""
     path = Path(path)
-    if not path.exists() and not str(path).startswith(("/", ".")) and str(path).count("/") == 1:
-        path = _hub_download(str(path))
+    if not path.exists():
+        from vegalm.hub import resolve_pretrained
+
+        path = resolve_pretrained(str(path))  # a Hub id, through huggingface_hub's cache; else one line
     raw = _read_config(path)
     cfg = EncoderConfig.from_hf_dict(raw, source=str(path / "config.json"))
     if "num_labels" in _init_params(cls) and "num_labels" not in model_kwargs:
@@ -160,16 +163,6 @@ def _init_params(cls) -> set[str]:
     return set(inspect.signature(cls.__init__).parameters)
 
 
-def _hub_download(repo_id: str) -> Path:
-    """Hub ids ("microsoft/deberta-v3-base") resolve through huggingface_hub when online."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as e:
-        raise CheckpointError(f"{repo_id}: not a local directory and could not be fetched from the Hub ({e})") from None
-
-
 def save_pretrained(model, path, tokenizer=None) -> None:
     """Write config.json + model.safetensors (+ rtd_head.safetensors for the discriminator)."""
     path = Path(path)
@@ -181,13 +174,46 @@ def save_pretrained(model, path, tokenizer=None) -> None:
         # The bare encoder layout: no `deberta.` prefix; heads that HF's DebertaV2Model lacks go to a side file.
         state = _normalise_keys(state, "")
         extra = {k: state.pop(k) for k in list(state) if not k.startswith(("embeddings.", "encoder."))}
-    cfg = model.config.to_hf_dict(architectures=[arch], torch_dtype="float32", **model.hf_config_extra())
-    _atomic_write_text(path / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    legacy = {}
+    if arch == "DebertaV2ForMaskedLM" and model.config.embedding_size not in (None, model.config.hidden_size):
+        # transformers' non-legacy MLM head is hidden x hidden; only its legacy layout projects to embedding_size
+        state = {_to_legacy(k): v for k, v in state.items()}
+        legacy = {"legacy": True}
+    import transformers
+
+    dtypes = {str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()}
+    cfg = model.config.to_hf_dict(architectures=[arch], **{**model.hf_config_extra(), **legacy})
+    cfg.pop("torch_dtype", None)  # transformers 5 reads `dtype`; the old key would only go stale
+    cfg.update(dtype=dtypes.pop() if len(dtypes) == 1 else "float32", transformers_version=transformers.__version__)
+    atomic_write_text(path / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     _atomic_save(state, path / WEIGHTS)
     if extra:
         _atomic_save(extra, path / "rtd_head.safetensors")
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
+        save_tokenizer(tokenizer, path)
+
+
+def _to_legacy(key: str) -> str:
+    for legacy_prefix, ours in _LEGACY_MLM.items():
+        if key.startswith(ours):
+            return legacy_prefix + key[len(ours):]
+    return key
+
+
+# Loading arguments that transformers 5 records in tokenizer_config.json; they describe one load, not the tokenizer.
+RUNTIME_TOKENIZER_KEYS = ("is_local", "local_files_only", "_commit_hash", "cache_dir", "force_download", "token",
+                          "use_auth_token", "revision", "subfolder", "proxies", "resume_download", "trust_remote_code")
+
+
+def save_tokenizer(tokenizer, path) -> None:
+    """`tokenizer.save_pretrained(path)`, without the runtime keys in tokenizer_config.json."""
+    tokenizer.save_pretrained(str(path))
+    f = Path(path) / "tokenizer_config.json"
+    if f.is_file():
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+        if any(k in cfg for k in RUNTIME_TOKENIZER_KEYS):
+            cleaned = {k: v for k, v in cfg.items() if k not in RUNTIME_TOKENIZER_KEYS}
+            atomic_write_text(f, json.dumps(cleaned, indent=2, ensure_ascii=False) + "\n")
 
 
 def _atomic_save(state: dict, target: Path) -> None:
@@ -196,7 +222,3 @@ def _atomic_save(state: dict, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def _atomic_write_text(target: Path, text: str) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)

@@ -26,6 +26,7 @@ from transformers.modeling_outputs import (
 from vegalm.model.config import EncoderConfig
 from vegalm.model.encoder import Embeddings, Encoder, init_weights
 from vegalm.model.heads import ContextPooler, MLMHead, RTDHead
+from vegalm.model.unpad import Packing
 
 
 class VegaPreTrained(nn.Module):
@@ -75,6 +76,7 @@ class VegaModel(VegaPreTrained):
         super().__init__(config)
         self.embeddings = Embeddings(config)
         self.encoder = Encoder(config)
+        self.unpad = False  # True: layers skip padding tokens (model/unpad.py; same outputs at real tokens)
         if init:
             self.init_weights()
 
@@ -99,7 +101,8 @@ class VegaModel(VegaPreTrained):
         if attention_mask is not None and not bool(attention_mask.all()):
             pad = attention_mask.bool()
         x = self.embeddings(input_ids, token_type_ids, position_ids, attention_mask, inputs_embeds)
-        h, states = self.encoder(x, pad, output_hidden_states)
+        packing = Packing(pad) if self.unpad and pad is not None else None
+        h, states = self.encoder(x, pad, output_hidden_states, packing)
         return BaseModelOutput(last_hidden_state=h, hidden_states=tuple(states) if states else None)
 
 

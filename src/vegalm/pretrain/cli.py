@@ -18,6 +18,9 @@ def register(sub, formatter) -> None:
     p.add_argument("--recipe", required=True, help="YAML recipe (recipes/*.yaml)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints of unfinished phases")
+    p.add_argument("--retrain", action="store_true",
+                   help="rebuild finished stages (tokenizer, data, phases, export) made with other settings, "
+                        "and every stage after them; without it such a rerun stops and names the changed keys")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, dotted names")
     p.set_defaults(func=_pretrain)
 
@@ -48,7 +51,7 @@ def _pretrain(args) -> int:
     from vegalm.pretrain.run import RecipeConfig, run_pretrain
 
     cfg = load_config(RecipeConfig, args.recipe, args.overrides)
-    res = run_pretrain(cfg, args.out, resume=not args.no_resume)
+    res = run_pretrain(cfg, args.out, resume=not args.no_resume, retrain=args.retrain)
     if "model_path" in res:
         print(f"pretraining done in {res['wall_s']:.0f} s; model: {res['model_path']}")
     return 0

@@ -1,4 +1,4 @@
-"""Dynamic masking for MLM and for the RTD generator (BERT's 80/10/10 rule, configurable).
+"""Dynamic masking for MLM and for the RTD generator, with each source's replacement rule (`MASKING`).
 
 Each call draws a fresh mask from the global torch RNG (which the trainer checkpoints), so
 masks change every epoch and a resumed run draws the same masks as an uninterrupted one.
@@ -8,7 +8,26 @@ from __future__ import annotations
 
 import torch
 
+from vegalm.errors import VegaError
+
 IGNORE = -100
+
+# (mask_frac, random_frac) of the selected tokens; the rest stay unchanged.
+MASKING = {
+    "bert": (0.8, 0.1),  # BERT (Devlin et al. 2019, sec. 3.1): 80% [MASK], 10% random, 10% kept
+    "electra": (0.85, 0.0),  # ELECTRA (Clark et al. 2020, sec. 3.2 / released code): 85% [MASK], 15% kept
+    "deberta-v3": (1.0, 0.0),  # DeBERTa-v3 RTD (He et al. 2021, released code): 100% [MASK]
+}
+DEFAULT_MASKING = {"rtd": "deberta-v3", "mlm": "bert"}  # objective kind -> rule, when a recipe names none
+
+
+def masking_fractions(rule: str | None, kind: str, mask_frac: float | None, random_frac: float | None) -> tuple[float, float]:
+    """Resolve a recipe's masking: explicit fractions win, else the named rule, else the kind's default."""
+    name = rule or DEFAULT_MASKING[kind]
+    if name not in MASKING:
+        raise VegaError(f"objective.masking={name!r}: expected one of {', '.join(MASKING)}")
+    m, r = MASKING[name]
+    return (m if mask_frac is None else mask_frac), (r if random_frac is None else random_frac)
 
 
 def mask_tokens(

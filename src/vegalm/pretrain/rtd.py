@@ -1,7 +1,8 @@
 """Pretraining models: RTD (ELECTRA / DeBERTa-v3) with optional SimCSE term, and the plain MLM baseline.
 
 One RTD step (Clark et al. 2020, arXiv 2003.10555; He et al. 2021, arXiv 2111.09543):
-  1. mask 15% of the tokens (80/10/10) and run the generator (a smaller MLM);
+  1. mask 15% of the tokens (`objective.masking`: DeBERTa-v3's 100% [MASK] by default for RTD,
+     BERT's 80/10/10 for the MLM baseline) and run the generator (a smaller MLM);
      its vocabulary logits are computed at the masked positions only;
   2. sample a replacement for every masked position from the generator's softmax
      (Gumbel-max, temperature `sample_temperature`), no gradient through the sample;
@@ -22,15 +23,17 @@ from torch import nn
 from vegalm.model import EncoderConfig, VegaForMaskedLM, VegaForRTD
 from vegalm.pretrain.contrastive import ProjectionHead, pool, simcse_loss
 from vegalm.pretrain.gdes import reshare_embeddings, share_embeddings
-from vegalm.pretrain.masking import mask_tokens, special_positions
+from vegalm.pretrain.health import rtd_stats
+from vegalm.pretrain.masking import mask_tokens, masking_fractions, special_positions
 
 
 @dataclass
 class ObjectiveConfig:
     kind: str = "rtd"  # rtd | mlm (the BERT-style baseline)
     mask_prob: float = 0.15
-    mask_frac: float = 0.8  # of the chosen tokens: [MASK]
-    random_frac: float = 0.1  # random token; the rest stay unchanged
+    masking: str | None = None  # bert | electra | deberta-v3 (masking.MASKING); None: deberta-v3 for rtd, bert for mlm
+    mask_frac: float | None = None  # of the chosen tokens: [MASK]; None: from `masking`
+    random_frac: float | None = None  # random token; the rest stay unchanged; None: from `masking`
     rtd_weight: float = 50.0  # lambda
     embedding_sharing: str = "gdes"  # gdes | shared | none
     gen_num_layers: int | None = None  # None: half the discriminator's depth (DeBERTa-v3)
@@ -57,6 +60,11 @@ class ObjectiveConfig:
         for key, (value, allowed) in checks.items():
             if value not in allowed:
                 raise VegaError(f"objective.{key}={value!r}: expected one of {', '.join(allowed)}")
+        masking_fractions(self.masking, self.kind, self.mask_frac, self.random_frac)  # rejects an unknown rule
+
+    def fractions(self) -> tuple[float, float]:
+        """(mask_frac, random_frac) of the selected tokens, resolved from `masking` and the kind."""
+        return masking_fractions(self.masking, self.kind, self.mask_frac, self.random_frac)
 
 
 def generator_config(disc: EncoderConfig, obj: ObjectiveConfig) -> EncoderConfig:
@@ -81,7 +89,7 @@ class _Base(nn.Module):
     def _mask(self, input_ids, attention_mask, vocab_size):
         special = special_positions(input_ids, attention_mask, self.special_ids)
         o = self.obj
-        return mask_tokens(input_ids, special, self.mask_id, vocab_size, o.mask_prob, o.mask_frac, o.random_frac,
+        return mask_tokens(input_ids, special, self.mask_id, vocab_size, o.mask_prob, *o.fractions(),
                            first_regular_id=max(self.special_ids + (self.mask_id,)) + 1)  # fmt: skip
 
 
@@ -130,12 +138,13 @@ class RTDModel(_Base):
                 "disc_acc": ((pred == replaced) & real).sum().item() / max(real.sum().item(), 1),
                 "replaced_frac": replaced.sum().item() / max(real.sum().item(), 1),
                 "tokens": float(real.sum().item()),
+                **rtd_stats(disc_out.logits, replaced, real),  # excess over the prior, AUC, P/R (health.py)
             }
         if o.cl_weight > 0:
             cl, acc = self._contrastive(input_ids, attention_mask, corrupted)
             loss = loss + o.cl_weight * cl
             logs.update(cl_loss=cl.item(), cl_acc=acc)
-        return {"loss": loss, "logs": logs}
+        return {"loss": loss, "logs": logs, "disc_logits": disc_out.logits.detach(), "replaced": replaced}
 
     def _contrastive(self, input_ids, attention_mask, corrupted):
         enc = self.discriminator.deberta

@@ -6,8 +6,10 @@
     accelerate launch --config_file configs/accelerate/fsdp.yaml -m vegalm.cli pretrain \\
         --recipe recipes/vega-1.3b.yaml --out /ckpt/vega
 
-Every stage is skipped when its output is complete, and a phase that was interrupted resumes
-from its latest checkpoint (bit-exact on CPU), so re-running the same command continues.
+Every stage (tokenizer, packed data, each phase, the export) is keyed by the settings and inputs that
+determine it (vegalm.cache): a finished stage with the same key is skipped, one with another key is trained
+again with every later stage under --retrain, else the run stops naming the changed keys. A phase that was
+interrupted resumes from its latest checkpoint (bit-exact on CPU), so re-running the same command continues.
 
 Outputs under OUT: tokenizer/, data/ (memory-mapped segments), phase1/ and phase2/ (metrics.jsonl,
 tb/, checkpoints/), and the export: discriminator/ (RTD; transformers DebertaV2Model + tokenizer)
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,10 +29,12 @@ from typing import Any
 
 import torch
 
-from vegalm.config import to_dict
+from vegalm.cache import StaleStageError, check_stage, config_hash, read_stage, stage_key, write_stage
+from vegalm.config import ConfigError, from_dict, to_dict
 from vegalm.errors import VegaError
 from vegalm.model import EncoderConfig
 from vegalm.pretrain.gdes import unshare
+from vegalm.pretrain.health import HealthConfig, build_health
 from vegalm.pretrain.rtd import ObjectiveConfig, build_pretrain_model, objective
 from vegalm.train.trainer import TrainConfig, Trainer
 
@@ -38,13 +43,43 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataConfig:
-    corpus: str = "../shared/data/corpus/*/*.txt.gz"
-    tokenizer: str | None = None  # an existing tokenizer folder; None: train one into OUT/tokenizer
+    corpus: str = field(default="../shared/data/corpus/*/*.txt.gz", metadata={
+        "path": True, "help": "glob, folder, file or comma-separated list; relative: to the recipe file if it is "
+                              "there, else to the working directory"})  # fmt: skip
+    tokenizer: str | None = field(default=None, metadata={
+        "path": True, "help": "an existing tokenizer folder; None: train one into OUT/tokenizer"})
     vocab_size: int = 8000
     tokenizer_max_docs: int | None = 4000
     seq_len: int = 128
     max_docs: int | None = None  # pretrain on the first N documents only
     num_proc: int = 2
+
+    def check(self) -> None:
+        for key in ("vocab_size", "seq_len", "num_proc", "tokenizer_max_docs", "max_docs"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {value}")
+
+
+@dataclass
+class GlueConfig:
+    """`vegalm run`'s fine-tuning section: tasks and seeds, and FinetuneConfig fields for every run (flat)."""
+
+    tasks: list[str] = field(default_factory=lambda: ["cola", "sst2", "mrpc", "stsb", "rte", "wnli"],
+                             metadata={"help": "GLUE tasks to fine-tune on"})  # fmt: skip
+    seeds: int = field(default=1, metadata={"help": "fine-tuning seeds per task"})
+    settings: dict[str, Any] = field(default_factory=dict, metadata={
+        "rest": True, "help": "the section's other keys: FinetuneConfig fields (lr, epochs, max_train_samples, ...)"})
+
+    def check(self) -> None:
+        from vegalm.finetune.runner import FinetuneConfig  # lazy: the recipe loads before torch is needed
+
+        if self.seeds < 1:
+            raise ConfigError(f"seeds: must be >= 1, got {self.seeds}")
+        for key in ("task", "model", "out", "seed"):
+            if key in self.settings:
+                raise ConfigError(f"{key}: set by `vegalm run` itself (use glue.tasks / glue.seeds)")
+        from_dict(FinetuneConfig, {**self.settings, "task": (self.tasks or ["rte"])[0], "model": "-", "out": "-"})
 
 
 @dataclass
@@ -62,8 +97,17 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     phase1: PhaseConfig = field(default_factory=PhaseConfig)
     phase2: PhaseConfig | None = None
-    glue: dict[str, Any] = field(default_factory=dict)  # fine-tuning section, read by `vegalm run`
-    baseline: str | None = None  # recipe of the MLM baseline that `vegalm run` compares against
+    glue: GlueConfig = field(default_factory=GlueConfig, metadata={
+        "merge": "replace", "help": "fine-tuning section, read by `vegalm run`; a recipe's own replaces its base's"})
+    baseline: str | None = field(default=None, metadata={
+        "path": True, "help": "recipe of the MLM baseline that `vegalm run` compares against"})
+    health: HealthConfig = field(default_factory=HealthConfig)  # held-out metrics and the STS-B probe (health.py)
+
+    def check(self) -> None:
+        if self.model.position_biased_input and self.data.seq_len > self.model.max_position_embeddings:
+            raise ConfigError(f"data.seq_len: must be <= model.max_position_embeddings "
+                              f"({self.model.max_position_embeddings}) with model.position_biased_input=true, "
+                              f"got {self.data.seq_len}")  # fmt: skip
 
 
 def _collate(items: list[dict]) -> dict[str, torch.Tensor]:
@@ -85,40 +129,93 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def prepare_data(cfg: RecipeConfig, out: Path, data_dir: Path | None = None, tokenizer_dir: Path | None = None):
-    """Tokenizer (trained once) and packed segments (cached). Returns (tokenizer, tokenizer dir, store)."""
-    from vegalm.data.corpus import build_segments
+def prepare_data(cfg: RecipeConfig, out: Path, data_dir: Path | None = None, tokenizer_dir: Path | None = None,
+                 retrain: bool = False):  # fmt: skip
+    """Tokenizer and packed segments, each a stage keyed by its inputs (vegalm.cache): reused when they match,
+    rebuilt when `retrain`, else StaleStageError. Returns (tokenizer, tokenizer dir, store)."""
+    from vegalm.data.packing import build_segments
     from vegalm.data.tokenizer import load_tokenizer, train_tokenizer
 
     tok_dir = Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(tokenizer_dir or out / "tokenizer")
-    if not (tok_dir / "tokenizer.json").is_file():
-        if cfg.data.tokenizer:
-            raise VegaError(f"data.tokenizer: {tok_dir} has no tokenizer.json")
-        log.info("training a %d-piece tokenizer on %s", cfg.data.vocab_size, cfg.data.corpus)
-        train_tokenizer(cfg.data.corpus, cfg.data.vocab_size, tok_dir, max_docs=cfg.data.tokenizer_max_docs)
+    if cfg.data.tokenizer and not (tok_dir / "tokenizer.json").is_file():
+        raise VegaError(f"data.tokenizer: {tok_dir} has no tokenizer.json")
+    if not cfg.data.tokenizer:  # a stage: a leftover tokenizer of another corpus or vocab_size is never reused
+        train_tokenizer(cfg.data.corpus, cfg.data.vocab_size, tok_dir, max_docs=cfg.data.tokenizer_max_docs,
+                        retrain=retrain)  # fmt: skip
     tokenizer = load_tokenizer(tok_dir)
     store = build_segments(tokenizer, cfg.data.corpus, Path(data_dir or out / "data"), cfg.data.seq_len, seed=cfg.phase1.train.seed,
-                           num_proc=cfg.data.num_proc, max_docs=cfg.data.max_docs)  # fmt: skip
+                           num_proc=cfg.data.num_proc, max_docs=cfg.data.max_docs, retrain=retrain)  # fmt: skip
     return tokenizer, tok_dir, store
 
 
+# TrainConfig fields that change what is logged or kept on disk, not the weights: not part of a phase's key.
+_UNKEYED = ("progress", "log_every", "save_every", "keep_last", "num_workers")
+
+
+def phase_keys(cfg: RecipeConfig, data_key: dict | None) -> list[tuple[str, PhaseConfig, dict]]:
+    """(name, settings, stage key) of each phase: its section, the model, the held-out split, the packed data's
+    key and the previous phase's key, so a change re-keys that phase and every later one (and the export)."""
+    out, prev = [], None
+    for name in ("phase1", "phase2"):
+        phase = getattr(cfg, name)
+        if phase is not None:
+            settings = to_dict(phase)
+            settings["train"] = {k: v for k, v in settings["train"].items() if k not in _UNKEYED}
+            prev = stage_key(**{name: settings}, model=to_dict(cfg.model), health=to_dict(cfg.health),
+                             data=data_key, previous=prev)  # a changed key reads `phase1.train.lr: 0.001 -> ...`
+            out.append((name, phase, prev))
+    return out
+
+
+def _phase_state(pdir: Path, key: dict, retrain: bool) -> str:
+    """check_stage for a phase; a finished phase from before stage records is adopted when recipe.json agrees."""
+    recorded = _done(pdir) is not None and read_stage(pdir) is None
+    if recorded:
+        try:
+            old = json.loads((pdir.parent / "recipe.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}
+        old_phase = old.get(pdir.name) or {}
+        old_phase = {**old_phase, "train": {k: v for k, v in (old_phase.get("train") or {}).items() if k not in _UNKEYED}}
+        if old_phase == key[pdir.name] and old.get("model") == key["model"]:
+            write_stage(pdir, key)
+    state = check_stage(pdir, key, retrain=retrain)
+    if state == "missing" and recorded:  # finished with settings nobody recorded
+        if not retrain:
+            raise StaleStageError(f"{pdir} was made with settings that were not recorded; pass --retrain to "
+                                  "build it again")  # fmt: skip
+        return "retrain"
+    return state
+
+
 def run_pretrain(cfg: RecipeConfig, out: str | Path, resume: bool = True, data_dir: Path | None = None,
-                 tokenizer_dir: Path | None = None) -> dict:
-    """Pretrain per the recipe into `out`. `data_dir` / `tokenizer_dir` let several runs share them."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+                 tokenizer_dir: Path | None = None, retrain: bool = False) -> dict:
+    """Pretrain per the recipe into `out` (locked: a second run on it fails at once). `data_dir` / `tokenizer_dir`
+    let several runs share them. A finished stage made with other settings is retrained (with every later one)
+    when `retrain`, else StaleStageError names the changed keys."""
+    from vegalm.outdir import lock_dir
+
+    with lock_dir(out):
+        return _run_pretrain(cfg, Path(out), resume, data_dir, tokenizer_dir, retrain)
+
+
+def _run_pretrain(cfg: RecipeConfig, out: Path, resume: bool, data_dir: Path | None, tokenizer_dir: Path | None,
+                  retrain: bool) -> dict:  # fmt: skip
     t0 = time.time()
-    tokenizer, tok_dir, store = prepare_data(cfg, out, data_dir, tokenizer_dir)
+    tokenizer, tok_dir, store = prepare_data(cfg, out, data_dir, tokenizer_dir, retrain)
+    keyed = phase_keys(cfg, read_stage(Path(data_dir or out / "data")))
+    states = {name: _phase_state(out / name, key, retrain) for name, _, key in keyed}  # refuse before any training
     model_cfg = replace(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     if cfg.model.vocab_size != model_cfg.vocab_size:
         log.info("model.vocab_size set to the tokenizer's %d", model_cfg.vocab_size)
     special = tuple(t for t in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id) if t is not None)
     mask_id = tokenizer.mask_token_id
-    _write_json(out / "recipe.json", to_dict(cfg))
+    if any(state != "done" for state in states.values()):  # recipe.json describes what is (being) trained
+        _write_json(out / "recipe.json", to_dict(cfg))
+    train_set, health = build_health(cfg.health, store, _collate, special, model_cfg.vocab_size)
 
-    phases = [("phase1", cfg.phase1)] + ([("phase2", cfg.phase2)] if cfg.phase2 is not None else [])
-    model, accelerator, summaries, trained = None, None, {}, False
-    for name, phase in phases:
+    model, accelerator, summaries, trained, stream = None, None, {}, False, None
+    for name, phase, key in keyed:
         prev = model
         # Seeded init: torch's default generator is seeded randomly per process, and a phase that is
         # skipped (done.json) or resumed must build the same initial weights (phase 2's new SimCSE head).
@@ -127,45 +224,79 @@ def run_pretrain(cfg: RecipeConfig, out: str | Path, resume: bool = True, data_d
         if prev is not None:  # continue from the previous phase's weights (a new phase may add the SimCSE head)
             missing, unexpected = model.load_state_dict(prev.state_dict(), strict=False)
             if unexpected or any(not k.startswith("cl_head.") for k in missing):
-                raise VegaError(f"{name}: its model does not continue {phases[0][0]}'s "
+                raise VegaError(f"{name}: its model does not continue {keyed[0][0]}'s "
                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}); keep model/objective shapes equal")  # fmt: skip
         pdir = out / name
-        done = _done(pdir)
-        trainer = Trainer(model, objective, store, _collate, phase.train, pdir, accelerator=accelerator)
+        if states[name] == "retrain":  # a finished phase of other settings (its stage record says it is ours)
+            shutil.rmtree(pdir)
+        done = _done(pdir) if states[name] == "done" else None
+        trainer = Trainer(model, objective, train_set, _collate, phase.train, pdir, callbacks=[health],
+                          accelerator=accelerator)  # fmt: skip
         accelerator = trainer.accelerator
+        if stream is not None:
+            continue_stream(trainer.sampler, stream)
         if done is not None:
             # Finished earlier: restore its final weights, skip the training.
             from vegalm.train.checkpoint import latest_checkpoint, load_checkpoint
 
-            load_checkpoint(latest_checkpoint(trainer.ckpt_root), model=trainer.model, restore_rng_state=False)
+            state = load_checkpoint(latest_checkpoint(trainer.ckpt_root), model=trainer.model, restore_rng_state=False)
             summaries[name] = done
+            stream = state["sampler"]
             log.info("%s: complete (step %s), skipped", name, done.get("step"))
         else:
             summaries[name] = trainer.train(resume=resume)
+            summaries[name].update(_phase_probes(trainer.model, tokenizer, cfg.health, health))
+            stream = trainer.sampler.state_dict()
             trained = True
             if trainer.is_main:
                 _write_json(pdir / "done.json", summaries[name])
+                write_stage(pdir, key)
         model = trainer.model
 
     result = {"recipe": cfg.name, "phases": summaries, "wall_s": time.time() - t0, "tokenizer": str(tok_dir)}
     if accelerator is None or accelerator.is_main_process:
         # A re-run of a finished recipe keeps its export: rewriting unchanged weights only costs time
         # (fine-tuning caches key on the weights' content, finetune/runner.py `_fingerprint`).
-        previous = None if trained else _previous_export(out)
+        export_key = config_hash(keyed[-1][2])  # the export is what the last phase trained
+        previous = None if trained else _previous_export(out, export_key)
         if previous is not None:
             log.info("export: %s is complete, skipped", previous["model_path"])
         else:
             (out / "summary.json").unlink(missing_ok=True)  # so an export cut short is never taken as complete
         result.update(previous or export(model, tokenizer, out))
+        result["stage_key"] = export_key
         _write_json(out / "summary.json", result)
     return result
 
 
-def _previous_export(out: Path) -> dict | None:
-    """The export paths recorded in out/summary.json, if every exported folder is still complete."""
+def continue_stream(sampler, state: dict) -> None:
+    """Start a phase's sampler where the previous phase's stopped: the same permutations (its seed), so a
+    later phase sees new segments until the corpus is exhausted (docs/pretraining.md, "Phases")."""
+    sampler.seed, sampler.epoch, sampler.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+    if sampler.position + sampler.global_batch > sampler.num_samples:
+        sampler.epoch, sampler.position = sampler.epoch + 1, 0
+
+
+def _phase_probes(model, tokenizer, hcfg: HealthConfig, health) -> dict:
+    """A phase's end: the held-out health metrics and the zero-shot STS-B Spearman (x 100)."""
+    from vegalm.pretrain.probe import encoder_of, sts_zero_shot
+
+    res = {"heldout": dict(health.last_eval)}
+    if hcfg.sts_dev and Path(hcfg.sts_dev).is_file():
+        res["sts_zero_shot"] = sts_zero_shot(encoder_of(model), tokenizer, hcfg.sts_dev, hcfg.sts_pooling)
+    elif hcfg.sts_dev:
+        log.warning("health.sts_dev: %s not found, zero-shot STS-B skipped", hcfg.sts_dev)
+    return res
+
+
+def _previous_export(out: Path, key: str) -> dict | None:
+    """The export paths recorded in out/summary.json, if it was made from stages of `key` and every exported
+    folder is still complete."""
     try:
         prev = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+    if prev.get("stage_key") not in (key, None):  # None: an export from before stage keys, of the same phases
         return None
     paths = {k: prev[k] for k in ("model_path", "generator_path") if isinstance(prev.get(k), str)}
     complete = all((Path(p) / f).is_file() for p in paths.values() for f in ("config.json", "model.safetensors"))

@@ -145,7 +145,7 @@ def run_tapt(cfg: TaptConfig | dict, resume: bool = True) -> dict:
     from transformers import AutoTokenizer
 
     from vegalm.config import deep_merge, from_dict
-    from vegalm.data.corpus import build_segments
+    from vegalm.data.packing import build_segments
     from vegalm.data.glue import get_task, resolve_glue_dir
     from vegalm.finetune.transductive import task_texts
     cfg = from_dict(TaptConfig, deep_merge(to_dict(TaptConfig()), cfg)) if isinstance(cfg, dict) else cfg
@@ -173,7 +173,7 @@ def run_tapt(cfg: TaptConfig | dict, resume: bool = True) -> dict:
         txt.write_text(doc, encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(str(disc_dir))
     store = build_segments(tokenizer, str(txt), out / "data", cfg.seq_len, seed=cfg.train.seed, num_proc=1,
-                           progress=cfg.train.progress)
+                           progress=cfg.train.progress, retrain=True)  # texts.txt is the task's: follow it
     torch.manual_seed(cfg.train.seed)
     model = load_rtd_pair(disc_dir, gen_dir, cfg.objective, tokenizer)
     trainer = Trainer(model, objective, store, _collate, cfg.train, out / "train")

@@ -29,10 +29,15 @@ on CPU) the checkpoints hold the gathered model weights only, `train(resume=True
 DeepSpeed applies its optimizer step inside backward, so a non-finite step is only skipped by DeepSpeed's
 own fp16 overflow check.
 
+SIGINT / SIGTERM (Ctrl-C; what Slurm, Kubernetes and torchrun send) during `train()`: the processes agree
+at the next step boundary, save a checkpoint (when save_final or save_every is on) and raise
+`vegalm.errors.Interrupted` (step, checkpoint); a second signal acts at once. See train/interrupt.py.
+
 Processes must agree: the objective must return the same log keys on every process, and a callback
 that sets `should_stop` must set it on every process.
 
-Callbacks: objects with any of `on_step_end(trainer, step)`, `on_log(trainer, metrics)`, and, for state
+Callbacks: objects with any of `on_step_end(trainer, step)`, `on_log(trainer, metrics)`,
+`extra_metrics(trainer, metrics) -> dict` (added to the log line before it is written), and, for state
 that must survive a resume (an EMA of the weights, stored predictions), `state_dict()` /
 `load_state_dict(state)`: that state is saved with every checkpoint, per process, and restored by
 `train(resume=True)` before the first step.
@@ -64,8 +69,9 @@ from accelerate.utils import DistributedType, send_to_device, set_seed
 from torch import Tensor, nn
 
 from vegalm.config import ConfigError
-from vegalm.errors import VegaError
+from vegalm.errors import Interrupted, VegaError
 from vegalm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir_name
+from vegalm.train.interrupt import StopSignals
 from vegalm.train.optim import SCHEDULES, build_optimizer, build_scheduler
 from vegalm.train.sampler import ResumableBatchSampler
 
@@ -109,7 +115,7 @@ class TrainConfig:
             ("grad_accum", self.grad_accum >= 1, ">= 1"),
             ("max_steps", self.epochs is not None or self.max_steps >= 1, ">= 1"),
             ("epochs", self.epochs is None or self.epochs > 0, "> 0"),
-            ("lr", self.lr >= 0, ">= 0"),
+            ("lr", math.isfinite(self.lr) and self.lr >= 0, "a finite number >= 0"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "in [0, 1)"),
             ("log_every", self.log_every >= 1, ">= 1"),
@@ -213,6 +219,8 @@ class Trainer:
         self._step_lr = 0.0  # lr used by the latest update
         self.should_stop = False  # a callback may set it (on every process): the loop saves and returns
         self._nan_steps = _test_nan_steps()
+        self._stop = StopSignals()  # SIGINT / SIGTERM during train(): checkpoint, then raise Interrupted
+        self._agreed_signal = 0  # the largest signal any process had received at the latest step's gather
 
     # ------------------------------------------------------------------ properties
     @property
@@ -321,7 +329,9 @@ class Trainer:
         t_start = time.perf_counter()
         win = _Window()
         last_saved = self.step if resume and self.step > 0 else -1
+        self._stop, self._agreed_signal = StopSignals(), 0
         try:
+            self._stop.__enter__()
             while self.step < self.max_steps:
                 self._one_step(model, it, win)
                 if pbar is not None:
@@ -332,18 +342,23 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == self.max_steps:
                     self._log(win, t_start, pbar)
                     win = _Window()
-                if self.should_stop:
+                if self.should_stop or self._signalled():
                     break
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.max_steps:
                     self.save()
                     last_saved = self.step
-            if self.should_stop and self.step % cfg.log_every and self.step != self.max_steps:
+            signum = self._signalled(final=True)
+            if (self.should_stop or signum) and self.step % cfg.log_every and self.step != self.max_steps:
                 self._log(win, t_start, pbar)  # the partial window
             if last_saved == self.step:
                 ckpt = self.ckpt_root / step_dir_name(self.step)
-            else:
-                ckpt = self.save() if cfg.save_final else None
+            else:  # an interrupted run saves whenever checkpointing is on, so that it can resume
+                ckpt = self.save() if cfg.save_final or (signum and cfg.save_every) else None
+            if signum:
+                self._stop.acknowledge()
+                raise Interrupted(self.step, str(ckpt) if ckpt is not None else None, signum)
         finally:
+            self._stop.__exit__(None, None, None)
             if pbar is not None:
                 pbar.close()
             if self._writer is not None:
@@ -376,7 +391,12 @@ class Trainer:
                     tokens += float(v)
                 else:
                     extra[k] = extra.get(k, 0.0) + float(v) / cfg.grad_accum
-        all_losses = acc.gather(torch.stack(losses))  # every process gets every micro-batch loss
+        # Every process gets every micro-batch loss, and each process's pending stop signal rides along
+        # (the last value of each row), so all processes stop at the same step without another collective.
+        flag = torch.full_like(losses[0], float(self._stop.pending))
+        rows = acc.gather(torch.stack([*losses, flag])).reshape(acc.num_processes, -1)
+        self._agreed_signal = int(rows[:, -1].max())
+        all_losses = rows[:, :-1].reshape(-1)
         step_loss = all_losses.mean()
         finite = bool(torch.isfinite(step_loss))
         grad_norm = None
@@ -408,6 +428,17 @@ class Trainer:
                 win.extra[k] = win.extra.get(k, 0.0) + v
         else:
             self._report_bad_step()
+
+    def _signalled(self, final: bool = False) -> int:
+        """The stop signal every process agrees on at this step boundary (0: none). `final` (after the
+        last step) takes one more gather, so a signal that came after the last gather is not lost."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self._stop.pending
+        if final:
+            local = torch.tensor([float(self._stop.pending)], device=acc.device)
+            self._agreed_signal = max(self._agreed_signal, int(acc.gather(local).max()))
+        return self._agreed_signal
 
     def _report_bad_step(self) -> None:
         cfg = self.cfg
@@ -447,6 +478,9 @@ class Trainer:
         }
         for k, v in zip(keys, total[1:]):
             metrics[k] = v / (good * acc.num_processes)
+        for cb in self.callbacks:  # a callback may add values to the line (pretrain/health.py: held-out metrics)
+            if hasattr(cb, "extra_metrics"):
+                metrics.update(cb.extra_metrics(self, metrics))
         self.last_metrics = metrics
         if pbar is not None:
             pbar.set_postfix(

@@ -1,0 +1,164 @@
+"""Honest health metrics for RTD / MLM pretraining (docs/pretraining.md, "Health metrics").
+
+`disc_acc` is uninformative (predicting the prior scores 1 - replaced_frac), so we log what a
+prior-only discriminator cannot fake: the loss in excess of the prior's entropy, the replaced-token
+ROC AUC, precision / recall at p = 0.5, the generator's loss beside the corpus unigram entropy, and
+the same on a held-out set of packed segments every `health.eval_every` steps (`HealthCallback`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class HealthConfig:
+    heldout_segments: int = field(default=512, metadata={"help": "packed segments kept out of training for the "
+                                                                 "held-out metrics (0: none)"})  # fmt: skip
+    eval_every: int = field(default=250, metadata={"help": "optimizer steps between held-out evaluations "
+                                                           "(evaluated at the first log step past each multiple, "
+                                                           "and at the last step)"})  # fmt: skip
+    eval_batch_size: int = field(default=64, metadata={"help": "segments per held-out forward pass"})
+    seed: int = field(default=1234, metadata={"help": "seeds the held-out split and its masks / samples (the "
+                                                      "same corruption at every evaluation)"})  # fmt: skip
+    sts_dev: str | None = field(default="../shared/data/glue/STS-B/dev.tsv",
+                                metadata={"path": True, "help": "STS-B dev TSV for the zero-shot probe after each phase (probe.py); "
+                                                  "None or a missing file: skipped"})  # fmt: skip
+    sts_pooling: str = field(default="cls", metadata={"help": "cls | mean: the probe's sentence embedding"})
+
+
+def binary_entropy(p: float) -> float:
+    """Entropy in nats of a Bernoulli(p): the loss of always predicting the base rate p."""
+    if p <= 0.0 or p >= 1.0:
+        return 0.0
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of a 1-D tensor, ties sharing their average rank (as scipy.stats.rankdata)."""
+    x = x.flatten().double()
+    _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    return (ends - (counts.double() - 1) / 2)[inverse]
+
+
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC (Mann-Whitney U / n_pos n_neg); nan when a class is absent."""
+    labels = labels.flatten().bool()
+    n_pos = int(labels.sum())
+    n_neg = labels.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = average_ranks(scores)
+    return float((r[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def rtd_stats(logits: torch.Tensor, replaced: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
+    """Discriminator health on the real (non-padding) tokens: loss, excess over the prior, AUC, P/R at 0.5."""
+    real = real.bool()
+    s, y = logits.detach().float()[real], replaced[real].float()
+    if y.numel() == 0:
+        return {}
+    loss = float(torch.nn.functional.binary_cross_entropy_with_logits(s, y))
+    frac = float(y.mean())
+    pred = s > 0  # sigmoid(s) > 0.5
+    tp = float((pred & (y > 0)).sum())
+    return {
+        "rtd_excess": loss - binary_entropy(frac),  # < 0: better than the prior; ~0: not learning
+        "rtd_auc": roc_auc(s, y),
+        "rtd_precision": tp / max(float(pred.sum()), 1.0),
+        "rtd_recall": tp / max(float(y.sum()), 1.0),
+    }
+
+
+def unigram_entropy(input_ids: np.ndarray, special_ids: tuple[int, ...], vocab_size: int) -> float:
+    """Entropy (nats) of the corpus's token distribution over non-special tokens: the loss of a generator
+    that ignores context, which a learning generator must go below."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for start in range(0, len(input_ids), 8192):  # chunks: the memmap is never read whole into memory
+        counts += np.bincount(np.asarray(input_ids[start : start + 8192]).ravel(), minlength=vocab_size)[:vocab_size]
+    counts[list(special_ids)] = 0
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def split_heldout(n: int, k: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices): k segments drawn with `seed`, the rest in store order."""
+    if k <= 0:
+        return list(range(n)), []
+    held = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[held] = False
+    return torch.nonzero(mask).flatten().tolist(), sorted(held.tolist())
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], seed: int, autocast=None) -> dict[str, float]:
+    """Held-out metrics of an RTDModel / MLMModel on fixed batches, with fixed masks and samples.
+
+    The global RNG is forked, so training draws the same masks as without the evaluation."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    logits, replaced, real, mlm, n = [], [], [], 0.0, 0
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model.eval()
+        try:
+            for b in batches:
+                ids, am = b["input_ids"].to(device), b["attention_mask"].to(device)
+                with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
+                    out = model(input_ids=ids, attention_mask=am)
+                mlm += out["logs"]["mlm_loss"] * len(ids)
+                n += len(ids)
+                if "disc_logits" in out:
+                    logits.append(out["disc_logits"].float().cpu().flatten())
+                    replaced.append(out["replaced"].cpu().flatten())
+                    real.append(am.cpu().flatten() > 0)
+        finally:
+            model.train(was_training)
+    res = {"heldout_mlm_loss": mlm / max(n, 1)}
+    if logits:
+        stats = rtd_stats(torch.cat(logits), torch.cat(replaced), torch.cat(real))
+        res.update({f"heldout_{k}": v for k, v in stats.items()})
+    return res
+
+
+def build_health(cfg: HealthConfig, store, collate, special_ids: tuple[int, ...], vocab_size: int):
+    """(training dataset without the held-out segments, HealthCallback) for one segment store."""
+    from torch.utils.data import Subset
+
+    train_idx, held_idx = split_heldout(len(store), cfg.heldout_segments, cfg.seed)
+    batches = [collate([store[i] for i in held_idx[j : j + cfg.eval_batch_size]])
+               for j in range(0, len(held_idx), cfg.eval_batch_size)]  # fmt: skip
+    unigram = unigram_entropy(store.input_ids, special_ids, vocab_size)  # the whole corpus, held-out included
+    return (Subset(store, train_idx) if held_idx else store), HealthCallback(batches, cfg, unigram)
+
+
+class HealthCallback:
+    """Trainer callback: adds the unigram baseline to every log line, the held-out metrics every
+    `eval_every` steps (logged to metrics.jsonl and TensorBoard with the rest of the line)."""
+
+    def __init__(self, heldout_batches: list[dict], cfg: HealthConfig, unigram: float | None):
+        self.batches, self.cfg, self.unigram = heldout_batches, cfg, unigram
+        self.last_eval: dict[str, float] = {}
+
+    def extra_metrics(self, trainer, metrics: dict) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.unigram is not None:
+            out["unigram_entropy"] = self.unigram
+            if metrics.get("mlm_loss") is not None:
+                out["gen_excess_unigram"] = metrics["mlm_loss"] - self.unigram  # < 0: the generator uses context
+        step, every, window = trainer.step, self.cfg.eval_every, trainer.cfg.log_every
+        crossed = every > 0 and step // every != max(step - window, 0) // every
+        if self.batches and (crossed or step == trainer.max_steps):
+            self.last_eval = evaluate(trainer.model, self.batches, self.cfg.seed, trainer.accelerator.autocast)
+            out.update(self.last_eval)
+        return out
+
+
+__all__ = ["HealthConfig", "HealthCallback", "binary_entropy", "average_ranks", "roc_auc", "rtd_stats",
+           "unigram_entropy", "split_heldout", "evaluate", "build_health"]

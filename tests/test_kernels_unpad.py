@@ -1,0 +1,146 @@
+"""Unpadded passes (model/unpad.py) against the padded twin: logits, loss and every gradient, padding included."""
+
+from __future__ import annotations
+
+import copy
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from vegalm.model import EncoderConfig, VegaForSequenceClassification
+from vegalm.model.unpad import Packing, enable_unpadding
+
+GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+
+
+def _rte_pairs(n: int = 6) -> list[tuple[str, str]]:
+    with open(GLUE / "RTE" / "dev.tsv", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1 : n + 1]
+    return [(r[1], r[2]) for r in rows]
+
+
+def _compare(padded, unpadded, batch, labels, atol=2e-5):
+    outs = []
+    for m in (padded, unpadded):
+        m.zero_grad(set_to_none=True)
+        out = m(**batch, labels=labels)
+        out.loss.backward()
+        outs.append((out.logits.detach(), out.loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    (la, lossa, ga), (lb, lossb, gb) = outs
+    torch.testing.assert_close(lb, la, atol=atol, rtol=1e-4)
+    torch.testing.assert_close(lossb, lossa, atol=atol, rtol=1e-4)
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        if ga[name] is None:
+            assert gb[name] is None, name
+            continue
+        torch.testing.assert_close(gb[name], ga[name], atol=atol, rtol=1e-3, msg=name)
+
+
+def test_packing_round_trip_and_gradient():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    p = Packing(mask)
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    packed = p.unpad(x)
+    assert packed.shape == (8, 5)
+    back = p.pad(packed)
+    torch.testing.assert_close(back, x * mask[..., None])
+    back.sum().backward()
+    torch.testing.assert_close(x.grad, mask[..., None].float().expand(3, 4, 5))
+
+
+@pytest.mark.parametrize("impl", ["eager", "fused", "sdpa"])
+def test_vega_unpadded_matches_padded(impl):
+    torch.manual_seed(0)
+    cfg = EncoderConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        position_buckets=8, max_position_embeddings=64, attn_impl=impl)
+    padded = VegaForSequenceClassification(cfg, num_labels=3).train()
+    unpadded = copy.deepcopy(padded)
+    assert enable_unpadding(unpadded)
+    lengths = [17, 5, 11, 2]
+    ids = torch.randint(5, 300, (4, 17))
+    mask = (torch.arange(17)[None] < torch.tensor(lengths)[:, None]).long()
+    ids = ids * mask
+    _compare(padded, unpadded, {"input_ids": ids, "attention_mask": mask}, torch.tensor([0, 2, 1, 2]))
+
+
+def _minilm():
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from vegalm.finetune.runner import minilm_path
+
+    path = str(minilm_path())
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, hidden_dropout_prob=0.0,
+                                                               attention_probs_dropout_prob=0.0)
+    return model.train(), AutoTokenizer.from_pretrained(path)
+
+
+def test_minilm_unpadded_matches_padded_on_rte():
+    padded, tok = _minilm()
+    unpadded = copy.deepcopy(padded)
+    assert enable_unpadding(unpadded)
+    a, b = zip(*_rte_pairs())
+    batch = dict(tok(list(a), list(b), padding=True, truncation=True, max_length=128, return_tensors="pt"))
+    assert not bool(batch["attention_mask"].all())  # the batch really has padding
+    _compare(padded, unpadded, batch, torch.tensor([1, 0, 1, 0, 0, 1]))
+    # the packed path really ran: its hidden states at padding positions are exactly zero
+    pad = ~batch["attention_mask"].bool()
+    with torch.no_grad():
+        h_pad = padded.bert(**batch).last_hidden_state[pad]
+        h_unpad = unpadded.bert(**batch).last_hidden_state[pad]
+    assert h_pad.abs().max() > 0 and h_unpad.abs().max() == 0
+    # no padding at all: the padded path runs unchanged
+    one = {k: v[:1, : int(batch["attention_mask"][0].sum())] for k, v in batch.items()}
+    _compare(padded, unpadded, one, torch.tensor([1]))
+
+
+def test_minilm_unpadded_bf16_autocast_close():
+    padded, tok = _minilm()
+    unpadded = copy.deepcopy(padded)
+    enable_unpadding(unpadded)
+    a, b = zip(*_rte_pairs(4))
+    batch = dict(tok(list(a), list(b), padding=True, return_tensors="pt"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        la = padded.eval()(**batch).logits.float()
+        lb = unpadded.eval()(**batch).logits.float()
+    ref = padded(**batch).logits
+    assert (la - ref).abs().max() < 0.1 and (lb - ref).abs().max() < 0.1
+
+
+def test_roberta_tiny_unpadded_matches_padded():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        max_position_embeddings=40, num_labels=1)
+    padded = RobertaForSequenceClassification(cfg).train()
+    unpadded = copy.deepcopy(padded)
+    assert enable_unpadding(unpadded)
+    mask = (torch.arange(12)[None] < torch.tensor([12, 3, 7])[:, None]).long()
+    ids = torch.where(mask.bool(), torch.randint(3, 100, (3, 12)), cfg.pad_token_id)
+    _compare(padded, unpadded, {"input_ids": ids, "attention_mask": mask}, torch.tensor([0.5, -1.0, 2.0]))
+
+
+def test_unsupported_model_is_left_alone():
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert not enable_unpadding(m)
+
+
+def test_fast_dropout_swap_keeps_rate_and_eval_identity():
+    from vegalm.model.dropout import FastDropout
+    from vegalm.model.unpad import use_fast_dropout
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.25), torch.nn.Sequential(torch.nn.Dropout(0.5)))
+    assert use_fast_dropout(m) == 2
+    assert isinstance(m[1], FastDropout) and m[2][0].p == 0.5
+    x = torch.ones(200, 4)
+    m.eval()
+    torch.testing.assert_close(m(x), m[0](x))
+    kept = (m[1].train()(torch.ones(100_000)) != 0).float().mean()
+    assert abs(float(kept) - 0.75) < 0.01
