@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from vegalm.errors import VegaError
-    from vegalm.finetune.ablate import parse_combos
+    from vegalm.experiments.ablate import parse_combos
     from vegalm.finetune.runner import FinetuneConfig, run_finetune
 
     try:

@@ -24,7 +24,7 @@ from accelerate.state import AcceleratorState
 from vegalm.config import ConfigError
 from vegalm.data import glue as glue_data
 from vegalm.errors import VegaError
-from vegalm.finetune import ablate
+from vegalm.experiments import ablate
 from vegalm.finetune.runner import FinetuneConfig, config_hash, load_extra_train, minilm_path, resolve
 
 GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
@@ -90,7 +90,7 @@ def sweep(tiny_dir, tmp_path_factory):
         return rows
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(glue_data, "load_split", guarded)  # ablate.py imports it from here at call time
+        mp.setattr(glue_data, "load_split", guarded)  # experiments/ablate/runs.py imports it from here at call time
         rc, stdout = _main(argv)
     assert rc == 0, stdout
     return {"root": root, "argv": argv, "stdout": stdout, "records": root / "results" / "tiny",
@@ -102,6 +102,17 @@ def _record(sweep, combo, task) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ combos
+
+
+def test_the_core_never_imports_experiments():
+    from test_layout import SRC, import_graph  # the layout test's AST walk (imports in functions count)
+
+    graph = import_graph(SRC, "vegalm")
+    assert "vegalm.finetune.runner" in graph["vegalm.experiments.ablate.runs"]  # the walk sees real edges
+    leaks = sorted(f"{m} -> {t}" for m, targets in graph.items() if not m.startswith("vegalm.experiments")
+                   for t in targets if t.startswith("vegalm.experiments"))
+    assert not leaks, leaks
+
 
 
 def test_combo_names_and_model_tags():

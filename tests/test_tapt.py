@@ -128,7 +128,7 @@ def test_tapt_refuses_models_without_generator(pretrained, tmp_path):
 
 
 def test_ablation_tapt_combo_fine_tunes_from_the_adapted_encoder(pretrained, tmp_path):
-    from vegalm.finetune.ablate import run_ablation
+    from vegalm.experiments.ablate import run_ablation
 
     s = run_ablation(str(pretrained), "wnli", seeds=1, combos="vanilla,tapt", out=tmp_path / "out",
                      results_dir=tmp_path / "results", tag="pt", max_train_samples=32, batch_size=16, max_steps=2,

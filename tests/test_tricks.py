@@ -98,6 +98,25 @@ def test_registry_names_and_args():
     assert sort_tricks(["ema", "freelb", "selfcal"]) == ["selfcal", "freelb", "ema"]
 
 
+def test_register_trick_fills_the_one_registry(monkeypatch):
+    from vegalm.finetune.tricks import base
+
+    assert base.TRICKS is TRICKS  # the package re-exports the registry; it lives in base.py
+    monkeypatch.setattr(base, "TRICKS", dict(base.TRICKS))
+
+    @base.register_trick
+    class Probe(base.Trick):
+        name = "probe"
+        priority = 5
+
+    assert base.TRICKS["probe"] is Probe and "probe" not in TRICKS
+    assert base.sort_tricks(["ema", "probe", "selfcal"]) == ["probe", "selfcal", "ema"]  # a new name sorts too
+    with pytest.raises(TypeError, match="taken by"):
+        base.register_trick(type("Other", (base.Trick,), {"name": "ema"}))
+    with pytest.raises(TypeError, match="needs a `name`"):
+        base.register_trick(type("Nameless", (base.Trick,), {}))
+
+
 # ------------------------------------------------------------------------------------------ divergences
 
 

@@ -1,4 +1,4 @@
-"""WNLI candidate competition (finetune/wnli.py) on the real WNLI files, and its wiring into runs and sweeps."""
+"""WNLI candidate competition (finetune/wnli.py, experiments/wnli.py) on the real WNLI files, and its wiring into runs and sweeps."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch
 
 from vegalm.data.glue import Example, load_split
 from vegalm.errors import VegaError
+from vegalm.experiments.wnli import premise_folds
 from vegalm.finetune.runner import FinetuneConfig, config_hash, minilm_path, resolve, run_finetune
-from vegalm.finetune.wnli import GroupPrior, apply_treatment, premise_folds, premise_key, rank_predictions
+from vegalm.finetune.wnli import GroupPrior, apply_treatment, premise_key, rank_predictions
 
 GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")

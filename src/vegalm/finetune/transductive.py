@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vegalm.data.glue import Example, get_task, load_task
+from vegalm.data.glue import Example, get_task, load_task, task_texts  # task_texts: re-exported
 from vegalm.errors import VegaError
 
 
@@ -105,16 +105,3 @@ def merge_train(train: Sequence[Example], pseudo: Sequence[Example]) -> list[Exa
         guids.add(ex.guid)
         out.append(Example(ex.guid, start + j, ex.text_a, ex.text_b, ex.label))
     return out
-
-
-def task_texts(task: str, glue_dir: str | Path | None = None) -> list[str]:
-    """All text fields (text_a, text_b) of every split of `task` under glue_dir, deduplicated in order."""
-    spec = get_task(task)
-    splits = load_task(spec.name, glue_dir)
-    seen: dict[str, None] = {}
-    for split in spec.files:  # registry order: train, dev(s), test(s)
-        for ex in splits.get(split, ()):
-            for text in (ex.text_a, ex.text_b):
-                if text and text not in seen:
-                    seen[text] = None
-    return list(seen)

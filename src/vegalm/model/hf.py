@@ -105,8 +105,10 @@ def _normalise_keys(state: dict[str, torch.Tensor], prefix: str) -> dict[str, to
     return out
 
 
-def load_pretrained(cls, path, reinit_head: bool = False, strict_head: bool = False, **model_kwargs):
-    """Build `cls` from a checkpoint folder. `model_kwargs` go to the constructor (e.g. num_labels)."""
+def load_pretrained(cls, path, reinit_head: bool = False, strict_head: bool = False, strict_encoder: bool = True,
+                    **model_kwargs):
+    """Build `cls` from a checkpoint folder. `model_kwargs` go to the constructor (e.g. num_labels).
+    `strict_encoder=False` starts missing encoder weights fresh and skips unexpected ones (with a warning)."""
     path = Path(path)
     if not path.exists():
         from vegalm.hub import resolve_pretrained
@@ -132,7 +134,7 @@ def load_pretrained(cls, path, reinit_head: bool = False, strict_head: bool = Fa
     for k, want in own.items():
         src = origin.get(k, WEIGHTS)
         if k not in state:
-            if k in head_keys and not strict_head:
+            if (k in head_keys and not strict_head) or not strict_encoder:
                 fresh.append(k)
                 continue
             raise CheckpointError(f"{path / src}: missing weight {k!r} (shape {tuple(want.shape)})")
@@ -147,7 +149,9 @@ def load_pretrained(cls, path, reinit_head: bool = False, strict_head: bool = Fa
             )
         to_load[k] = got.to(want.dtype)
     unexpected = [k for k in state if k not in own and not _IGNORABLE.search(k)]
-    if unexpected:
+    if unexpected and not strict_encoder:
+        log.warning("%s: %d unexpected weights skipped, first %r", path, len(unexpected), unexpected[0])
+    elif unexpected:
         k = unexpected[0]
         raise CheckpointError(f"{path / origin.get(k, WEIGHTS)}: unexpected weight {k!r} for {cls.__name__}")
     model.load_state_dict(to_load, strict=False)

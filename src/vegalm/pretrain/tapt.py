@@ -5,7 +5,7 @@
     vegalm tapt --task cola --model runs/pt/discriminator --out runs/tapt/cola train.epochs=20 train.lr=5e-5
 
 Before fine-tuning on a GLUE task, continue the pretraining objective (RTD, generator + discriminator,
-GDES) on that task's own text: every sentence of its train, dev AND test files (`transductive.task_texts`;
+GDES) on that task's own text: every sentence of its train, dev AND test files (`data.glue.task_texts`;
 test inputs are public on GLUE, their labels do not exist and are never read). This is "task-adaptive
 pretraining" (TAPT, Gururangan et al. 2020, arXiv 2004.10964), with ELECTRA/DeBERTa-v3's RTD in place of
 their MLM. It needs the RTD generator, so it applies to our own pretrained encoders (a `vegalm pretrain`
@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from vegalm.cache import fingerprint
 from vegalm.config import ConfigError, to_dict
 from vegalm.errors import VegaError
 from vegalm.pretrain.rtd import ObjectiveConfig, RTDModel, objective
@@ -132,8 +133,6 @@ def load_rtd_pair(disc_dir: Path, gen_dir: Path, obj: ObjectiveConfig, tokenizer
 def cache_settings(cfg: TaptConfig, disc_dir: Path, gen_dir: Path, doc: str) -> dict:
     """What a finished run must match to be reused: the config without its paths, plus the content of
     the models and of the task text they point to."""
-    from vegalm.finetune.runner import fingerprint
-
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("model", "generator", "glue_dir", "out")}
     settings.update(discriminator=fingerprint(disc_dir), generator=fingerprint(gen_dir),
                     texts_sha256=hashlib.sha256(doc.encode("utf-8")).hexdigest()[:16])
@@ -146,8 +145,7 @@ def run_tapt(cfg: TaptConfig | dict, resume: bool = True) -> dict:
 
     from vegalm.config import deep_merge, from_dict
     from vegalm.data.packing import build_segments
-    from vegalm.data.glue import get_task, resolve_glue_dir
-    from vegalm.finetune.transductive import task_texts
+    from vegalm.data.glue import get_task, resolve_glue_dir, task_texts
     cfg = from_dict(TaptConfig, deep_merge(to_dict(TaptConfig()), cfg)) if isinstance(cfg, dict) else cfg
     cfg.check()
     spec = get_task(cfg.task)
@@ -158,7 +156,7 @@ def run_tapt(cfg: TaptConfig | dict, resume: bool = True) -> dict:
         raise VegaError(f"tapt: {spec.name} has no text under {resolve_glue_dir(cfg.glue_dir)}")
     doc = "".join(" ".join(t.split()) + "\n\n" for t in texts)  # one sentence per document
     settings = cache_settings(cfg, disc_dir, gen_dir, doc)
-    prev = _previous_export(out)
+    prev = _previous_export(out, None)  # TAPT reuse is decided by done.json's settings
     done = _done(out / "train")
     if prev is not None and done is not None and done.get("config") == settings:
         log.info("tapt: %s is complete, skipped", out)

@@ -1,4 +1,5 @@
-"""Fine-tuning tricks as plug-ins: one class per trick, hyperparameters in its `Args` dataclass.
+"""Fine-tuning tricks as plug-ins: one class per trick, hyperparameters in its `Args` dataclass, each
+registered in `TRICKS` (tricks/base.py) by `@register_trick`; importing this package loads them all.
 
     from vegalm.config import from_dict
     from vegalm.finetune.tricks import TRICKS, sort_tricks
@@ -25,8 +26,10 @@ from vegalm.finetune.tricks.adversarial import (
 from vegalm.finetune.tricks.base import (
     CLEAN_WEIGHT,
     SOFT_TARGETS,
+    TRICKS,
     Trick,
     model_inputs,
+    register_trick,
     sort_tricks,
     task_loss,
     unwrap,
@@ -40,10 +43,6 @@ from vegalm.finetune.tricks.craft import (
     reinit_top_layers,
 )
 from vegalm.finetune.tricks.selfcal import SelfCalibration
-
-TRICKS: dict[str, type[Trick]] = {
-    cls.name: cls for cls in (Adversarial, SMART, FreeLB, R3F, SIFT, SelfCalibration, EMA)
-}
 
 __all__ = [
     "CLEAN_WEIGHT",
@@ -63,6 +62,7 @@ __all__ = [
     "find_layers",
     "layerwise_lr_groups",
     "model_inputs",
+    "register_trick",
     "reinit_top_layers",
     "smoothness",
     "sort_tricks",

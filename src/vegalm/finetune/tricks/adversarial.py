@@ -41,6 +41,7 @@ from vegalm.finetune.tricks.base import (
     clean_weight,
     logits_of,
     model_inputs,
+    register_trick,
     task_loss,
     unwrap,
 )
@@ -174,6 +175,7 @@ class SMARTArgs:
                 raise ConfigError(f"smart.{key}={getattr(self, key)}: expected a number in [0, 1]")
 
 
+@register_trick
 class SMART(_EmbeddingAdversary):
     """Smoothness-inducing adversarial regularisation + momentum Bregman proximal point (Jiang et al. 2020).
 
@@ -260,6 +262,7 @@ class FreeLBArgs:
             raise ConfigError(f"freelb.clean_weight={self.clean_weight}: expected a number in [0, 1]")
 
 
+@register_trick
 class FreeLB(_EmbeddingAdversary):
     """Free Large-Batch adversarial training (Zhu et al. 2020).
 
@@ -327,6 +330,7 @@ class R3FArgs:
             raise ConfigError(f"r3f.noise_type={self.noise_type!r}: expected 'normal' or 'uniform'")
 
 
+@register_trick
 class R3F(_EmbeddingAdversary):
     """Random noise regularisation (Aghajanyan et al. 2021): L + r3f_lambda KL_sym(f(x) || f(x + z)).
 
@@ -370,6 +374,7 @@ class SIFTArgs:
             raise ConfigError(f"sift.steps={self.steps}: expected >= 1")
 
 
+@register_trick
 class SIFT(_EmbeddingAdversary):
     """Scale-invariant fine-tuning (He et al. 2021, DeBERTa section 4.3).
 
@@ -431,6 +436,7 @@ class AdvArgs:
             raise ConfigError(f"adv.params: {e}") from None
 
 
+@register_trick
 class Adversarial(Trick):
     """`--tricks adv`: the adversarial method named by `method`, configured by `params`."""
 

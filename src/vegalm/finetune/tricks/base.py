@@ -133,9 +133,24 @@ def task_loss(logits: torch.Tensor, batch: dict, num_labels: int, targets: torch
     return F.cross_entropy(x, targets.long())
 
 
+# ------------------------------------------------------------------------------------------ registry
+
+TRICKS: dict[str, type[Trick]] = {}  # registry name -> class, filled by @register_trick as the modules load
+
+
+def register_trick(cls: type[Trick]) -> type[Trick]:
+    """Class decorator: add a Trick subclass to TRICKS under its `name` (the CLI's `--tricks` value)."""
+    if not cls.name:
+        raise TypeError(f"{cls.__qualname__}: a registered trick needs a `name`")
+    known = TRICKS.get(cls.name)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise TypeError(f"trick name {cls.name!r}: taken by {known.__module__}.{known.__qualname__}")
+    TRICKS[cls.name] = cls
+    return cls
+
+
 def sort_tricks(tricks: list) -> list:
     """Tricks (instances, classes or registry names) in the order their `loss` should run; stable."""
-    from vegalm.finetune.tricks import TRICKS
 
     def prio(t: Any) -> int:
         cls = TRICKS[t] if isinstance(t, str) else (t if isinstance(t, type) else type(t))

@@ -24,7 +24,7 @@ from torch import nn
 
 from vegalm.config import ConfigError
 from vegalm.errors import VegaError
-from vegalm.finetune.tricks.base import Trick, unwrap
+from vegalm.finetune.tricks.base import Trick, register_trick, unwrap
 
 
 class EMAWeights:
@@ -84,6 +84,7 @@ class EMAArgs:
             raise ConfigError(f"ema.every={self.every}: expected >= 1")
 
 
+@register_trick
 class EMA(Trick):
     """Evaluate (and predict with) an exponential moving average of the weights (Polyak averaging)."""
 

@@ -44,6 +44,7 @@ from vegalm.finetune.tricks.base import (
     clean_weight,
     logits_of,
     model_inputs,
+    register_trick,
     task_loss,
 )
 from vegalm.finetune.tricks.craft import EMAWeights
@@ -70,6 +71,7 @@ class SelfCalArgs:
             raise ConfigError(f"selfcal.regression={self.regression!r}: expected 'soft' or 'off'")
 
 
+@register_trick
 class SelfCalibration(Trick):
     name = "selfcal"
     Args = SelfCalArgs
