@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,15 +174,21 @@ def test_heldout_metrics_logged_every_eval_interval(tmp_path):
 
 
 def test_sts_zero_shot_probe_on_real_dev(tmp_path):
-    """The probe on the real STS-B dev file: a bag-of-words encoder (mean of fixed random token vectors)
-    correlates positively with the gold scores, and a constant-noise encoder does not."""
+    """The probe on the real STS-B dev file (all 1500 pairs): a bag-of-words encoder (mean of fixed random token
+    vectors) correlates positively with the gold scores, and an encoder that ignores its input does not.
+
+    The noise encoder draws from its own seeded generator, so its output does not depend on the tokenizer (whose
+    Unigram training may differ between machines). Over 1500 pairs a null Spearman has a standard deviation of
+    100 / sqrt(1499) = 2.6, so the bound of 12 is over 4.5 standard deviations away."""
     from types import SimpleNamespace
 
     from vegalm.data.tokenizer import load_tokenizer, train_tokenizer
     from vegalm.pretrain.probe import read_stsb, sts_zero_shot
 
-    dev = "/work/shared/data/glue/STS-B/dev.tsv"
-    a, b, _ = read_stsb(dev, limit=300)
+    dev = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue" / "STS-B" / "dev.tsv"
+    if not dev.is_file():
+        pytest.skip(f"real STS-B dev not found at {dev}")
+    a, b, _ = read_stsb(dev)
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(t + "\n\n" for t in a + b), encoding="utf-8")
     train_tokenizer(str(corpus), 600, tmp_path / "tok", max_docs=None)
@@ -192,16 +199,18 @@ def test_sts_zero_shot_probe_on_real_dev(tmp_path):
         def __init__(self, noise: bool):
             super().__init__()
             self.w, self.noise = torch.nn.Parameter(table.clone()), noise
+            self.gen = torch.Generator().manual_seed(1)
 
         def forward(self, ids, am):
             h = self.w[ids]
             if self.noise:
-                h = torch.randn(h.shape, generator=torch.Generator().manual_seed(int(ids.sum())))
+                h = torch.randn(h.shape, generator=self.gen)
             return SimpleNamespace(last_hidden_state=h)
 
-    bow = sts_zero_shot(BagOfWords(False), tok, dev, pooling="mean", limit=300)
-    noise = sts_zero_shot(BagOfWords(True), tok, dev, pooling="mean", limit=300)
-    assert bow > 30 and abs(noise) < 15
+    bow = sts_zero_shot(BagOfWords(False), tok, dev, pooling="mean")
+    noise = sts_zero_shot(BagOfWords(True), tok, dev, pooling="mean")
+    assert bow > 30, bow
+    assert abs(noise) < 12, noise
 
 
 def test_summary_glue_comparison_over_seeds(tmp_path):
