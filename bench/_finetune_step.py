@@ -35,7 +35,7 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from vegalm.data.glue import get_task, load_split
-    from vegalm.finetune.runner import minilm_path
+    from vegalm.finetune.models import minilm_path
     from vegalm.model.unpad import enable_unpadding, use_fast_dropout
 
     spec = get_task(args.task)

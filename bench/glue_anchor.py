@@ -56,7 +56,8 @@ def hf_side(args, work: Path) -> dict:
 
     from vegalm.data.glue import get_task, load_split
     from vegalm.finetune.metrics import compute_metrics, task_score
-    from vegalm.finetune.runner import resolve_model_dir, train_subset
+    from vegalm.data.glue import train_subset
+    from vegalm.finetune.models import resolve_model_dir
 
     t0 = time.perf_counter()
     spec = get_task(args.task)
@@ -104,10 +105,11 @@ def hf_side(args, work: Path) -> dict:
 
 
 def vegalm_side(args, work: Path) -> dict:
-    from vegalm.finetune.runner import FinetuneConfig, run_finetune
+    from vegalm.finetune.config import FinetuneConfig
+    from vegalm.finetune.run import run_finetune
 
     t0 = time.perf_counter()
-    cfg = FinetuneConfig(task=args.task, model=args.model, out=str(work / "vegalm"), glue_dir=args.glue_dir,
+    cfg = FinetuneConfig.of(task=args.task, model=args.model, out=str(work / "vegalm"), glue_dir=args.glue_dir,
                          defaults="run_glue", seed=args.seed, max_train_samples=args.max_train_samples,
                          eval_test=False, save_model=False, progress=args.progress, **RUN_GLUE)
     res = run_finetune(cfg)

@@ -8,7 +8,7 @@ All arms train on the same epoch of the task's train set (the Trainer's seeded p
 task's vega batch size), one AdamW step per batch, fp32:
   random   the permutation cut into batches as they come (grad_accum=1, the default);
   micro    the same batches, each sorted by length and cut into `--micro` micro-batches whose gradients
-           are accumulated (`grad_accum=k`, tasks.sort_within_batches): the same examples per step;
+           are accumulated (`grad_accum=k`, train.sampler.sort_within_batches): the same examples per step;
   grouped  the permutation reordered by `length_grouped_permutation` (`group_by_length=true`): other
            batches, of similar lengths.
 Every (micro-)batch is padded to its longest member (the Collator), so the padded tokens are exact and
@@ -41,7 +41,7 @@ ARMS = ("random", "micro", "grouped")
 
 def epoch_steps(lengths: list[int], batch: int, seed: int, arm: str, micro: int = 4) -> list[list[list[int]]]:
     """One epoch as steps, each a list of micro-batches of dataset indices (tail dropped, as the sampler does)."""
-    from vegalm.finetune.tasks import GROUP_CHUNK, length_grouped_permutation, sort_within_batches
+    from vegalm.train.sampler import GROUP_CHUNK, length_grouped_permutation, sort_within_batches
 
     perm = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed))
     k = 1
@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     from vegalm.config import load_config
     from vegalm.data.glue import get_task, load_split
     from vegalm.errors import VegaError
-    from vegalm.finetune.runner import FinetuneConfig, _load_tokenizer, build_model, resolve
+    from vegalm.data.tokenizer import load_tokenizer as _load_tokenizer
+    from vegalm.finetune.config import FinetuneConfig, resolve
+    from vegalm.finetune.models import build_model
     from vegalm.finetune.tasks import Collator, GlueDataset
 
     try:

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from vegalm.errors import VegaError
     from vegalm.experiments.ablate import parse_combos
-    from vegalm.finetune.runner import FinetuneConfig, run_finetune
+    from vegalm.finetune.config import FinetuneConfig
+    from vegalm.finetune.run import run_finetune
 
     try:
         combos = parse_combos(args.combos)
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for combo in combos:
             out = work / combo.name
-            cfg = FinetuneConfig(task=args.task, model=args.model, out=str(out), glue_dir=args.glue_dir,
+            cfg = FinetuneConfig.of(task=args.task, model=args.model, out=str(out), glue_dir=args.glue_dir,
                                  seed=args.seed, tricks=list(combo.tricks), max_steps=args.steps,
                                  batch_size=args.batch_size, eval_test=False, save_model=False, progress=False)
             run_finetune(cfg)

@@ -25,7 +25,9 @@ from vegalm.config import ConfigError
 from vegalm.data import glue as glue_data
 from vegalm.errors import VegaError
 from vegalm.experiments import ablate
-from vegalm.finetune.runner import FinetuneConfig, config_hash, load_extra_train, minilm_path, resolve
+from vegalm.data.glue import load_extra_train
+from vegalm.finetune.config import FinetuneConfig, config_hash, resolve
+from vegalm.finetune.models import minilm_path
 
 GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
@@ -89,6 +91,8 @@ def sweep(tiny_dir, tmp_path_factory):
             handed.extend(rows)
         return rows
 
+    import vegalm.finetune.run  # noqa: F401  bound to the real load_split first: the run itself encodes test rows
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(glue_data, "load_split", guarded)  # experiments/ablate/runs.py imports it from here at call time
         rc, stdout = _main(argv)
@@ -108,8 +112,10 @@ def test_the_core_never_imports_experiments():
     from test_layout import SRC, import_graph  # the layout test's AST walk (imports in functions count)
 
     graph = import_graph(SRC, "vegalm")
-    assert "vegalm.finetune.runner" in graph["vegalm.experiments.ablate.runs"]  # the walk sees real edges
-    leaks = sorted(f"{m} -> {t}" for m, targets in graph.items() if not m.startswith("vegalm.experiments")
+    assert "vegalm.finetune.run" in graph["vegalm.experiments.ablate.runs"]  # the walk sees real edges
+    above = ("vegalm.experiments", "vegalm.pipeline")  # the sweeps, and `vegalm run` (pretraining + the GLUE sweep)
+    shims: set[str] = set()  # moved to experiments/glue.py; deleted once its importers switch
+    leaks = sorted(f"{m} -> {t}" for m, targets in graph.items() if not m.startswith(above) and m not in shims
                    for t in targets if t.startswith("vegalm.experiments"))
     assert not leaks, leaks
 
@@ -342,7 +348,7 @@ def test_parallel_plan_keeps_shared_folders_in_one_job():
 def test_summary_from_records_alone(sweep, tmp_path, monkeypatch):
     committed = tmp_path / "results" / "ablation" / "tiny"
     shutil.copytree(sweep["records"], committed)
-    monkeypatch.setattr("vegalm.finetune.runner.run_finetune", lambda *a, **k: pytest.fail("summary trained"))
+    monkeypatch.setattr("vegalm.finetune.run.run_finetune", lambda *a, **k: pytest.fail("summary trained"))
     want = sweep["stdout"].strip().splitlines()[-1]
     for path in (committed, committed.parent):  # the tag folder, or its parent holding one tag
         rc, stdout = _main(["ablate", "--summary", str(path)])

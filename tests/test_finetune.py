@@ -10,10 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import re
 import shutil
-import sys
-import types
 import zipfile
 from pathlib import Path
 
@@ -25,11 +22,12 @@ from safetensors.torch import load_file
 from vegalm.config import ConfigError
 from vegalm.data.glue import TASKS, load_split
 from vegalm.data.tokenizer import load_tokenizer
-from vegalm.finetune import tasks as ft_tasks
-from vegalm.finetune.runner import FinetuneConfig, minilm_path, reinit_top_layers, resolve, run_finetune
-from vegalm.finetune.tasks import DEFAULTS, Collator, encode_examples, enable_length_grouping, sort_within_batches
+from vegalm.finetune.config import FinetuneConfig, resolve
+from vegalm.finetune.models import minilm_path, reinit_top_layers
+from vegalm.finetune.run import run_finetune
+from vegalm.finetune.tasks import Collator, encode_examples
+from vegalm.finetune.tricks import TRICKS, Trick
 from vegalm.model import EncoderConfig, VegaForSequenceClassification, VegaModel
-from vegalm.train.sampler import ResumableBatchSampler
 
 GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 pytestmark = [pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}"),
@@ -99,53 +97,9 @@ def test_dynamic_padding(tok):
     assert reg["labels"].dtype == torch.float32 and "token_type_ids" not in reg
 
 
-def test_defaults_table_complete_and_documented():
-    assert len(TASKS) == 10
-    for name, table in DEFAULTS.items():
-        assert set(table) == set(TASKS), name
-    # the docstring table is the documentation: it must match the code
-    rows = re.findall(r"^\| (vega|run_glue) +\| (\w+) +\| ([\d.e-]+) +\| (\d+) +\| (\d+) +\| ([\d.]+) +\| (\d+) +\|$",
-                      ft_tasks.__doc__, re.M)
-    assert len(rows) == 11
-    for set_name, task, lr, epochs, batch, warmup, max_len in rows:
-        for t in (TASKS if task == "all" else [task]):
-            d = DEFAULTS[set_name][t]
-            assert (d.lr, d.epochs, d.batch_size, d.warmup_ratio, d.max_length) == (
-                float(lr), int(epochs), int(batch), float(warmup), int(max_len)), (set_name, t)
-    assert DEFAULTS["run_glue"]["rte"] == ft_tasks.TaskDefaults(2e-5, 3, 32, 0.0, 128)
-
-
-def test_length_grouping_is_deterministic_and_resumable():
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(5, 200, (203,), generator=g).tolist()
-
-    def make():
-        s = ResumableBatchSampler(203, global_batch=8, seed=3)
-        enable_length_grouping(s, lengths, chunk=4)
-        return s
-
-    s = make()
-    p0 = s.permutation(0)
-    assert sorted(p0.tolist()) == list(range(203))
-    assert torch.equal(p0, make().permutation(0)) and not torch.equal(p0, s.permutation(1))
-    spread = lambda perm: np.mean([np.ptp([lengths[i] for i in perm[k:k + 8]]) for k in range(0, 200, 8)])  # noqa: E731
-    plain = ResumableBatchSampler(203, global_batch=8, seed=3).permutation(0).tolist()
-    assert spread(p0.tolist()) < 0.5 * spread(plain)
-    it = iter(s)
-    first = [next(it) for _ in range(30)]  # crosses into epoch 1
-    for _ in range(5):
-        s.advance()
-    resumed = make()
-    resumed.load_state_dict(s.state_dict())
-    assert next(iter(resumed)) == first[5]  # the resumed sampler continues with the 6th batch
-
-
-# ------------------------------------------------------------------------------------ runs
-
-
 def test_rte_run_outputs_and_cache(tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / "rte"
-    cfg = FinetuneConfig(task="rte", model=str(tiny_dir), out=str(out), **FAST)
+    cfg = FinetuneConfig.of(task="rte", model=str(tiny_dir), out=str(out), **FAST)
     res = run_finetune(cfg)
     saved = json.loads((out / "results.json").read_text())
     assert saved["config_hash"] == res["config_hash"] and res["cached"] is False
@@ -173,9 +127,9 @@ def test_rte_run_outputs_and_cache(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("vegalm.train.trainer.Trainer.train", no_training)
     again = run_finetune(cfg)
     assert again["cached"] is True and again["dev"] == saved["dev"]
-    assert resolve(dataclasses.replace(cfg, lr=1e-4)) == resolve(cfg)  # the default, spelled out: same key
+    assert resolve(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-4))) == resolve(cfg)  # the default, spelled out: same key
     with pytest.raises(AssertionError, match="must not train"):  # a changed setting is a new run
-        run_finetune(dataclasses.replace(cfg, seed=7))
+        run_finetune(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=7)))
 
 
 def test_cache_key_follows_content_not_paths(tiny_dir, tmp_path):
@@ -183,10 +137,10 @@ def test_cache_key_follows_content_not_paths(tiny_dir, tmp_path):
     give the same key; one changed byte in the weights, the tokenizer or a data file gives a new key."""
     from safetensors.torch import load_file, save_file
 
-    from vegalm.finetune.runner import config_hash
+    from vegalm.finetune.config import config_hash
 
     def key(model: Path, glue: Path, **kw) -> str:
-        return config_hash(resolve(FinetuneConfig(task="rte", model=str(model), out="o", glue_dir=str(glue), **kw)))
+        return config_hash(resolve(FinetuneConfig.of(task="rte", model=str(model), out="o", glue_dir=str(glue), **kw)))
 
     model = tmp_path / "moved" / "model"
     shutil.copytree(tiny_dir, model, copy_function=shutil.copyfile)  # copyfile: new mtimes
@@ -194,7 +148,7 @@ def test_cache_key_follows_content_not_paths(tiny_dir, tmp_path):
     shutil.copytree(GLUE_DIR / "RTE", glue / "RTE", copy_function=shutil.copyfile)
     ref = key(tiny_dir, GLUE_DIR)
     assert key(model, glue) == ref
-    assert resolve(FinetuneConfig(task="rte", model=str(model), out="o", glue_dir=str(glue)))["model"] == str(model)
+    assert resolve(FinetuneConfig.of(task="rte", model=str(model), out="o", glue_dir=str(glue)))["model"] == str(model)
 
     train = glue / "RTE" / "train.tsv"
     train.write_text(train.read_text(encoding="utf-8").rstrip("\n").rsplit("\n", 1)[0] + "\n", encoding="utf-8")
@@ -223,7 +177,7 @@ def test_interrupted_run_continues_from_its_checkpoint(tiny_dir, tmp_path, monke
 
     base = dict(task="rte", model=str(tiny_dir), eval_test=False, save_model=False, checkpoint_every=2,
                 tricks=["selfcal"], ema_decay=0.9, **{**FAST, "max_steps": 6})
-    whole = run_finetune(FinetuneConfig(**base, out=str(tmp_path / "whole")))
+    whole = run_finetune(FinetuneConfig.of(**base, out=str(tmp_path / "whole")))
     assert whole["train"]["resumed_from_step"] == 0
 
     one_step = Trainer._one_step
@@ -236,11 +190,11 @@ def test_interrupted_run_continues_from_its_checkpoint(tiny_dir, tmp_path, monke
     out = tmp_path / "cut"
     monkeypatch.setattr(Trainer, "_one_step", stop_after_four)
     with pytest.raises(KeyboardInterrupt):
-        run_finetune(FinetuneConfig(**base, out=str(out)))
+        run_finetune(FinetuneConfig.of(**base, out=str(out)))
     monkeypatch.setattr(Trainer, "_one_step", one_step)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000004"
     assert not (out / "results.json").exists()
-    resumed = run_finetune(FinetuneConfig(**base, out=str(out)))
+    resumed = run_finetune(FinetuneConfig.of(**base, out=str(out)))
     assert resumed["train"]["resumed_from_step"] == 4 and resumed["train"]["steps"] == 6
     np.testing.assert_array_equal(np.load(out / "dev_logits.npy"), np.load(tmp_path / "whole" / "dev_logits.npy"))
     assert not (out / "checkpoints").exists()  # removed once the run is complete
@@ -248,21 +202,10 @@ def test_interrupted_run_continues_from_its_checkpoint(tiny_dir, tmp_path, monke
     # checkpoints of another config are not resumed: they are cleared and the run starts from step 0
     with pytest.raises(KeyboardInterrupt):
         monkeypatch.setattr(Trainer, "_one_step", stop_after_four)
-        run_finetune(FinetuneConfig(**base, out=str(out / "other")))
+        run_finetune(FinetuneConfig.of(**base, out=str(out / "other")))
     monkeypatch.setattr(Trainer, "_one_step", one_step)
-    other = run_finetune(FinetuneConfig(**{**base, "lr": 5e-5}, out=str(out / "other")))
+    other = run_finetune(FinetuneConfig.of(**{**base, "lr": 5e-5}, out=str(out / "other")))
     assert other["train"]["resumed_from_step"] == 0
-
-
-def test_sort_within_batches_keeps_each_batch():
-    g = torch.Generator().manual_seed(1)
-    lengths = torch.randint(3, 90, (70,), generator=g).tolist()
-    base = torch.randperm(70, generator=g)
-    out = sort_within_batches(base, lengths, 16).tolist()
-    for k in range(0, 64, 16):  # 4 whole batches: same examples, longest first
-        assert sorted(out[k:k + 16]) == sorted(base[k:k + 16].tolist())
-        assert [lengths[i] for i in out[k:k + 16]] == sorted((lengths[i] for i in out[k:k + 16]), reverse=True)
-    assert out[64:] == base[64:].tolist()  # the dropped tail is untouched
 
 
 def test_sorted_micro_batches_train_like_one_batch(tmp_path):
@@ -275,7 +218,7 @@ def test_sorted_micro_batches_train_like_one_batch(tmp_path):
     weights = {}
     for k in (1, 4):
         out = tmp_path / f"accum{k}"
-        res = run_finetune(FinetuneConfig(task="mrpc", model=str(model_dir), out=str(out), grad_accum=k,
+        res = run_finetune(FinetuneConfig.of(task="mrpc", model=str(model_dir), out=str(out), grad_accum=k,
                                           eval_test=False, **FAST))
         weights[k] = load_file(str(out / "model" / "model.safetensors"))
         assert ("micro_batch_order" in res["config"]) == (k > 1)
@@ -286,7 +229,7 @@ def test_sorted_micro_batches_train_like_one_batch(tmp_path):
 
 def test_stsb_regression_with_ema_and_grouping(tiny_dir, tmp_path):
     out = tmp_path / "stsb"
-    res = run_finetune(FinetuneConfig(task="stsb", model=str(tiny_dir), out=str(out), ema_decay=0.9,
+    res = run_finetune(FinetuneConfig.of(task="stsb", model=str(tiny_dir), out=str(out), ema_decay=0.9,
                                       group_by_length=True, save_model=False, **FAST))
     assert res["num_labels"] == 1 and set(res["dev"]["dev"]) == {"pearson", "spearman"}
     assert res["model"]["evaluated"] == "ema" and not (out / "model").exists()
@@ -303,7 +246,7 @@ def test_intermediate_transfer_reinitialises_a_3_label_head(tiny_dir, tmp_path):
     _copy_tokenizer(mnli)
     out = tmp_path / "rte"
     # lr 1e-12: the weights stay (to 1e-9) where they were loaded, so the load itself can be checked
-    res = run_finetune(FinetuneConfig(task="rte", model=str(tiny_dir), out=str(out), init_from=str(mnli),
+    res = run_finetune(FinetuneConfig.of(task="rte", model=str(tiny_dir), out=str(out), init_from=str(mnli),
                                       lr=1e-12, eval_test=False, **{**FAST, "max_steps": 1}))
     assert res["model"]["weights_from"] == str(mnli.resolve())
     assert set(res["model"]["fresh_weights"]) == {"classifier.weight", "classifier.bias"}  # pooler came along
@@ -340,7 +283,7 @@ class _ProbeArgs:
     tag: str = "x"
 
 
-class _ProbeTrick:
+class _ProbeTrick(Trick):
     """Follows the plug-in contract and records every call."""
 
     Args = _ProbeArgs
@@ -353,7 +296,7 @@ class _ProbeTrick:
     def setup(self, model):
         self.calls.append(("setup",))
 
-    def loss(self, model, batch, out, loss):
+    def loss(self, model, batch, out, loss, state):
         assert set(batch) >= {"input_ids", "attention_mask", "labels", "index"}  # index: per-example memory (selfcal)
         self.calls.append(("loss",))
         return loss + self.args.weight * out.logits.float().pow(2).mean(), {"extra": 1.0}
@@ -366,36 +309,41 @@ class _ProbeTrick:
         return model
 
 
+class _QuietTrick(Trick):
+    """A trick that keeps the base class's eval_model: it must not be named in the record's `evaluated`."""
+
+
 def test_trick_plugin_contract(tiny_dir, tmp_path, monkeypatch):
-    fake = types.ModuleType("vegalm.finetune.tricks")
-    fake.TRICKS = {"probe": _ProbeTrick}
-    monkeypatch.setitem(sys.modules, "vegalm.finetune.tricks", fake)
+    monkeypatch.setitem(TRICKS, "probe", _ProbeTrick)
+    monkeypatch.setitem(TRICKS, "quiet", _QuietTrick)
     _ProbeTrick.calls = []
     out = tmp_path / "wnli"
-    res = run_finetune(FinetuneConfig(task="wnli", model=str(tiny_dir), out=str(out), tricks=["probe"],
+    res = run_finetune(FinetuneConfig.of(task="wnli", model=str(tiny_dir), out=str(out), tricks=["probe", "quiet"],
                                       trick_args={"probe": {"weight": 0.5}}, eval_test=False, save_model=False, **FAST))
     calls = _ProbeTrick.calls
     assert calls[0] == ("init", 0.5, "wnli", 2) and calls[1] == ("setup",)
     assert [c for c in calls if c[0] == "step"] == [("step", 1, 3), ("step", 2, 3), ("step", 3, 3)]
     assert calls.count(("loss",)) == 3 and calls[-1] == ("eval_model",)
-    assert res["config"]["trick_args"] == {"probe": {"weight": 0.5, "tag": "x"}}
+    assert res["config"]["trick_args"] == {"probe": {"weight": 0.5, "tag": "x"}, "quiet": {}}
+    # the record names only the tricks that change the evaluated model (the base class's eval_model is a no-op)
+    assert res["model"]["evaluated"] == "final+probe"
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["probe/extra"] == 1.0 and "task_loss" in logged[-1]
     base = dict(task="wnli", model=str(tiny_dir), out=str(out))
     with pytest.raises(ConfigError, match="unknown trick 'nope'"):
-        resolve(FinetuneConfig(**base, tricks=["nope"]))
+        resolve(FinetuneConfig.of(**base, tricks=["nope"]))
     with pytest.raises(ConfigError, match="trick_args.probe.bad"):
-        resolve(FinetuneConfig(**base, tricks=["probe"], trick_args={"probe": {"bad": 1}}))
+        resolve(FinetuneConfig.of(**base, tricks=["probe"], trick_args={"probe": {"bad": 1}}))
     with pytest.raises(ConfigError, match="not enabled"):
-        resolve(FinetuneConfig(**base, trick_args={"probe": {}}))
-    assert resolve(FinetuneConfig(**base))["tricks"] == []
+        resolve(FinetuneConfig.of(**base, trick_args={"probe": {}}))
+    assert resolve(FinetuneConfig.of(**base))["tricks"] == []
 
 
 # ------------------------------------------------------------------------------------ HF backend, CLI
 
 
 def test_hf_backend_minilm_cola(tmp_path):
-    res = run_finetune(FinetuneConfig(task="cola", model="minilm-l6", out=str(tmp_path / "cola"), eval_test=False,
+    res = run_finetune(FinetuneConfig.of(task="cola", model="minilm-l6", out=str(tmp_path / "cola"), eval_test=False,
                                       save_model=False, layerwise_lr_decay=0.8, **{**FAST, "max_steps": 2}))
     assert res["model"]["backend"] == "hf" and res["config"]["model_type"] == "bert"
     assert set(res["model"]["fresh_weights"]) == {"classifier.weight", "classifier.bias"}
@@ -459,7 +407,7 @@ def _write_mnli(root: Path, rte: list) -> None:
 
 
 def test_mnli_two_dev_splits_ax_and_submission(tiny_dir, tmp_path):
-    from vegalm.finetune.glue_runner import run_glue
+    from vegalm.experiments.glue import run_glue
 
     data = tmp_path / "glue"
     _write_mnli(data, load_split("rte", "dev", GLUE_DIR))

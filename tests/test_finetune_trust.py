@@ -12,7 +12,8 @@ import torch
 
 from vegalm.cli import main
 from vegalm.finetune.models import build_model
-from vegalm.finetune.runner import FinetuneConfig, minilm_path, resolve
+from vegalm.finetune.config import FinetuneConfig, resolve
+from vegalm.finetune.models import minilm_path
 from vegalm.model import EncoderConfig, VegaModel
 from vegalm.outdir import MARKER, lock_dir
 
@@ -172,7 +173,7 @@ def test_matching_folders_only_get_a_new_head(tiny_bert, tmp_path, capsys, caplo
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["model"]["fresh_weights"] == ["classifier.bias", "classifier.weight"]
     assert "allow_new_weights" not in res["config"]  # off: not in the cache key, so older keys stay valid
-    resolved = resolve(FinetuneConfig(task="rte", model="minilm-l6", out=str(tmp_path / "m"), glue_dir=str(GLUE_DIR)))
+    resolved = resolve(FinetuneConfig.of(task="rte", model="minilm-l6", out=str(tmp_path / "m"), glue_dir=str(GLUE_DIR)))
     _, fresh = build_model(resolved, 2)
     assert fresh == ["classifier.bias", "classifier.weight"]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vegalm.finetune.runner import minilm_path
+from vegalm.finetune.models import minilm_path
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = REPO.parent / "shared" / "data" / "glue"

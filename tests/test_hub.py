@@ -34,7 +34,7 @@ print(model.config.hidden_size, model.config.num_hidden_layers, len(tok("a hub i
 
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory) -> Path:
-    from vegalm.finetune.runner import minilm_path
+    from vegalm.finetune.models import minilm_path
 
     home = tmp_path_factory.mktemp("hf")
     repo = home / "hub" / "models--vegalm-test--minilm"

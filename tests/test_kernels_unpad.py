@@ -70,7 +70,7 @@ def test_vega_unpadded_matches_padded(impl):
 def _minilm():
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from vegalm.finetune.runner import minilm_path
+    from vegalm.finetune.models import minilm_path
 
     path = str(minilm_path())
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vegalm.finetune.submission import SUBMISSION_STEMS, SubmissionError, read_submission, write_submission
+from vegalm.experiments.submission import SUBMISSION_STEMS, SubmissionError, read_submission, write_submission
 
 GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 ELEVEN = {"CoLA.tsv", "SST-2.tsv", "MRPC.tsv", "STS-B.tsv", "QQP.tsv", "MNLI-m.tsv", "MNLI-mm.tsv",

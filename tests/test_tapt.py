@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from vegalm.data.glue import task_texts
 from vegalm.data.tokenizer import load_tokenizer, train_tokenizer
 from vegalm.errors import VegaError
-from vegalm.finetune.transductive import task_texts
 from vegalm.model import EncoderConfig
 from vegalm.pretrain.gdes import GDESEmbedding
 from vegalm.pretrain.rtd import ObjectiveConfig, RTDModel
@@ -114,7 +114,7 @@ def test_tapt_trains_exports_and_caches(pretrained, tmp_path):
 
 
 def test_tapt_refuses_models_without_generator(pretrained, tmp_path):
-    from vegalm.finetune.runner import minilm_path
+    from vegalm.finetune.models import minilm_path
 
     with pytest.raises(VegaError, match="generator"):
         resolve_pair(minilm_path())

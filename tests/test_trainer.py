@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +187,9 @@ class SendSignal:
 
     def on_step_end(self, trainer, step):
         if step in self.steps:
-            for _ in range(self.times):
+            for i in range(self.times):
+                if i:  # standard signals do not queue: two kills in a row can arrive as one, so let the
+                    time.sleep(0.2)  # handler run first (a sleeping main thread runs it at once)
                 os.kill(os.getpid(), self.sig)
 
 
@@ -292,6 +295,20 @@ def test_sampler_shares_and_resume():
     assert one.permutation(0).tolist() != one.permutation(1).tolist()
     with pytest.raises(VegaError, match="batch_size"):
         ResumableBatchSampler(n, 6, seed=3).load_state_dict(one.state_dict())
+
+
+def test_trainer_hands_orders_to_its_sampler(tmp_path):
+    calls = []
+
+    def backwards(perm, epoch, layout):  # an order strategy: reverse each epoch's permutation
+        calls.append((epoch, layout.global_batch, layout.seed))
+        return perm.flip(0)
+
+    trainer = Trainer(tiny.TinyModel(), lambda m, b: None, tiny.TinyDataset(40), tiny.collate,
+                      TrainConfig(batch_size=8, seed=4), tmp_path, orders=[backwards])
+    plain = ResumableBatchSampler(40, 8, seed=4).permutation(0)
+    assert trainer.sampler.orders == (backwards,)
+    assert trainer.sampler.global_indices(0, 0) == plain.flip(0)[:8].tolist() and calls == [(0, 8, 4)]
 
 
 def test_rng_state_roundtrip():

@@ -1,4 +1,4 @@
-"""Fine-tuning tricks (finetune/tricks) and self-training (finetune/transductive) on tiny models.
+"""Fine-tuning tricks (finetune/tricks) and self-training (finetune/stages/self_training) on tiny models.
 
 Every trick runs on a tiny transformers BERT and on our VegaForSequenceClassification, both seeded.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,20 +16,22 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel
 from vegalm.config import ConfigError, from_dict
 from vegalm.data.glue import TASKS, Example, load_split
 from vegalm.errors import VegaError
-from vegalm.finetune.transductive import merge_train, pseudo_label, task_texts
+from vegalm.data.glue import task_texts
+from vegalm.finetune.stages.self_training import merge_train, pseudo_label
+from vegalm.finetune.ensemble import ensemble_logits
+from vegalm.finetune.models import layer_id, reinit_top_layers
 from vegalm.finetune.tricks import (
-    CLEAN_WEIGHT,
-    SOFT_TARGETS,
     TRICKS,
-    EMAWeights,
-    ensemble_logits,
-    layerwise_lr_groups,
+    LossState,
+    build_objective,
+    changes_eval_model,
     model_inputs,
-    reinit_top_layers,
     sort_tricks,
     symmetric_kl,
     task_loss,
+    trick_param_groups,
 )
+from vegalm.train.optim import layerwise_lr_groups
 from vegalm.model import EncoderConfig, VegaForSequenceClassification
 
 torch.set_num_threads(1)
@@ -67,7 +70,7 @@ def build(name: str, num_labels: int = 2, **args):
 
 def clean_step(model, batch, num_labels):
     out = model(**model_inputs(batch))
-    return out, task_loss(out.logits, batch, num_labels)
+    return out, task_loss(out.logits, batch["labels"], num_labels)
 
 
 def grads(model) -> torch.Tensor:
@@ -79,7 +82,7 @@ def grads(model) -> torch.Tensor:
 
 
 def test_registry_names_and_args():
-    assert set(TRICKS) == {"adv", "smart", "freelb", "r3f", "sift", "selfcal", "ema"}
+    assert set(TRICKS) == {"adv", "smart", "freelb", "r3f", "sift", "selfcal", "ema", "llrd", "reinit"}
     for name, cls in TRICKS.items():
         assert cls.name == name
         from_dict(cls.Args, {})  # the paper defaults are valid
@@ -95,7 +98,9 @@ def test_registry_names_and_args():
         from_dict(TRICKS["adv"].Args, {"method": "smart", "params": {"vat_lambda": 1.0}})
     adv = build("adv", method="freelb", params={"adv_steps": 3})
     assert type(adv.inner).__name__ == "FreeLB" and adv.inner.args.adv_steps == 3
-    assert sort_tricks(["ema", "freelb", "selfcal"]) == ["selfcal", "freelb", "ema"]
+    assert sort_tricks(["ema", "freelb", "selfcal", "reinit"]) == ["reinit", "selfcal", "freelb", "ema"]
+    pairs = [("ema", build("ema")), ("adv", build("adv")), ("selfcal", build("selfcal"))]
+    assert [n for n, _ in sort_tricks(pairs)] == ["selfcal", "adv", "ema"]  # the runner's (name, trick) pairs
 
 
 def test_register_trick_fills_the_one_registry(monkeypatch):
@@ -165,7 +170,7 @@ def test_perturbation_respects_norm_bound(kind, case):
     trick = build(name, **args)
     trick.setup(model)
     out, loss = clean_step(model, batch, 2)
-    total, _ = trick.loss(model, batch, out, loss)
+    total, _ = trick.loss(model, batch, out, loss, LossState())
     d = trick.last_delta
     assert d is not None and d.dtype == torch.float32
     n = _per_example(d, norm)
@@ -183,7 +188,7 @@ def test_r3f_normal_noise_scale():
     batch = make_batch(b=8, length=16)
     trick = build("r3f", noise_type="normal", eps=1e-3)
     out, loss = clean_step(model, batch, 2)
-    trick.loss(model, batch, out, loss)
+    trick.loss(model, batch, out, loss, LossState())
     real = trick.last_delta[batch["attention_mask"].bool()]
     assert 0.9e-3 < real.std().item() < 1.1e-3  # ~3800 draws: the estimate is within a few percent
 
@@ -212,7 +217,7 @@ def test_adversarial_loss_finite_and_changes_gradients(kind, num_labels, name):
     trick = build(name, num_labels, **EFFECT_ARGS[name])
     trick.setup(model)
     out, loss = clean_step(model, batch, num_labels)
-    total, logs = trick.loss(model, batch, out, loss)
+    total, logs = trick.loss(model, batch, out, loss, LossState())
     assert torch.isfinite(total) and all(isinstance(v, float) for v in logs.values()) and logs
     total.backward()
     g1 = grads(model)
@@ -226,7 +231,7 @@ def test_selfcal_pskd_targets(num_labels):
     batch = make_batch(num_labels)
     trick = build("selfcal", num_labels)
     out, loss = clean_step(model, batch, num_labels)
-    total, logs = trick.loss(model, batch, out, loss)  # first visit: alpha 0 and nothing stored yet
+    total, logs = trick.loss(model, batch, out, loss, LossState())  # first visit: alpha 0 and nothing stored yet
     assert torch.allclose(total, loss) and logs["selfcal/alpha"] == 0.0
     first = out.logits.detach()
     trick.on_step_end(model, 5, 10)  # alpha_t = alpha_T * 5/10
@@ -236,19 +241,20 @@ def test_selfcal_pskd_targets(num_labels):
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     out2, loss2 = clean_step(model, batch2, num_labels)
-    total2, logs2 = trick.loss(model, batch2, out2, loss2)
+    state = LossState()
+    total2, logs2 = trick.loss(model, batch2, out2, loss2, state)
     assert logs2["selfcal/alpha"] == pytest.approx(a) and a > 0
     if num_labels == 1:
         want = (1 - a) * batch2["labels"] + a * first.squeeze(-1)
     else:
         want = (1 - a) * F.one_hot(batch2["labels"], 2).float() + a * F.softmax(first, -1)
-    assert torch.allclose(batch2[SOFT_TARGETS], want, atol=1e-6)
-    assert torch.allclose(total2, task_loss(out2.logits, batch2, num_labels, targets=want), atol=1e-6)
+    assert torch.allclose(state.soft_targets, want, atol=1e-6)
+    assert torch.allclose(total2, task_loss(out2.logits, want, num_labels), atol=1e-6)
     model.zero_grad()
     total2.backward()
     assert torch.isfinite(grads(model)).all()
     with pytest.raises(VegaError, match="index"):
-        trick.loss(model, {k: v for k, v in batch.items() if k != "index"}, out2, loss2)
+        trick.loss(model, {k: v for k, v in batch.items() if k != "index"}, out2, loss2, LossState())
 
 
 def test_selfcal_composes_with_freelb():
@@ -259,10 +265,12 @@ def test_selfcal_composes_with_freelb():
     sc.progress = 0.5
     sc.store, sc.seen = torch.full((4, 2), 0.5), torch.ones(4, dtype=torch.bool)
     out, loss = clean_step(model, batch, 2)
-    loss, _ = sc.loss(model, batch, out, loss)
+    state = LossState()
+    loss, _ = sc.loss(model, batch, out, loss, state)
+    assert state.soft_targets is not None and state.soft_targets.shape == (4, 2)
     torch.manual_seed(1)
-    total, logs = fl.loss(model, batch, out, loss)
-    assert batch[CLEAN_WEIGHT] == 0.0  # the paper's FreeLB: no clean term left
+    total, logs = fl.loss(model, batch, out, loss, state)
+    assert state.clean_weight == 0.0  # the paper's FreeLB: no clean term left
     assert total.item() == pytest.approx(logs["freelb/adv_loss"], rel=1e-5)
 
 
@@ -276,7 +284,7 @@ def test_selfcal_ema_mode_and_ema_trick():
     for step in range(1, 4):
         batch = make_batch(seed=step)
         out, loss = clean_step(model, batch, 2)
-        loss, _ = sc.loss(model, batch, out, loss)
+        loss, _ = sc.loss(model, batch, out, loss, LossState())
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -295,17 +303,6 @@ def test_selfcal_ema_mode_and_ema_trick():
     assert torch.equal(ema2.eval_model(model).classifier.weight, ev.classifier.weight)
 
 
-def test_ema_weights_exact_average():
-    model = torch.nn.Linear(2, 1)
-    with torch.no_grad():
-        model.weight.fill_(1.0)
-    ema = EMAWeights(model, decay=0.5, warmup=False)
-    with torch.no_grad():
-        model.weight.fill_(3.0)
-    ema.update(model)
-    assert torch.allclose(ema.module.weight, torch.full((1, 2), 2.0))
-
-
 # ------------------------------------------------------------------------------------------ training loop
 
 
@@ -318,8 +315,9 @@ def run_steps(model, names, num_labels, steps=3, **trick_args):
     for step in range(1, steps + 1):
         batch = make_batch(num_labels, seed=step, offset=4 * ((step - 1) % 2))
         out, loss = clean_step(model, batch, num_labels)
+        state = LossState()
         for t in tricks:
-            loss, logs = t.loss(model, batch, out, loss)
+            loss, logs = t.loss(model, batch, out, loss, state)
         assert torch.isfinite(loss)
         loss.backward()
         opt.step()
@@ -365,57 +363,9 @@ def test_bf16_autocast_and_wrapped_model():
             trick.setup(model)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out, loss = clean_step(model, batch, 2)
-                total, logs = trick.loss(model, batch, out, loss)
+                total, logs = trick.loss(model, batch, out, loss, LossState())
             assert total.dtype == torch.float32 and torch.isfinite(total)
             total.backward()
-
-
-# ------------------------------------------------------------------------------------------ craft helpers
-
-
-@pytest.mark.parametrize("kind", KINDS + ("bare",))
-def test_reinit_top_layers(kind):
-    if kind == "bare":  # a generic `encoder.layer` at the top level
-        model = BertModel(BertConfig(**TINY))
-        prefix = "encoder.layer"
-    else:
-        model = make_model(kind)
-        prefix = "bert.encoder.layer" if kind == "bert" else "deberta.encoder.layer"
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)  # move away from any init
-    before = {n: p.clone() for n, p in model.named_parameters()}
-    names = reinit_top_layers(model, 1)
-    assert f"{prefix}.1" in names
-    after = dict(model.named_parameters())
-    top = [n for n in before if n.startswith(f"{prefix}.1.")]
-    low = [n for n in before if n.startswith(f"{prefix}.0.")]
-    assert top and low
-    assert all(not torch.equal(before[n], after[n]) for n in top)
-    assert all(torch.equal(before[n], after[n]) for n in low)
-    ln = [n for n in top if n.endswith("LayerNorm.weight")]
-    assert ln and all(torch.equal(after[n], torch.ones_like(after[n])) for n in ln)
-    if kind != "vega":  # BERT pooler / our ContextPooler are re-initialised too
-        assert any("pooler" in n for n in names)
-    with pytest.raises(VegaError):
-        reinit_top_layers(model, 3)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_layerwise_lr_groups(kind):
-    model = make_model(kind)
-    groups = layerwise_lr_groups(model, lr=1.0, decay=0.5, weight_decay=0.01)
-    ids = [id(p) for g in groups for p in g["params"]]
-    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(ids) == len(set(ids))
-    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
-    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
-    named = dict(model.named_parameters())
-    base = "bert" if kind == "bert" else "deberta"
-    assert lr_of[id(named["classifier.weight"])] == 1.0
-    assert lr_of[id(named[f"{base}.encoder.layer.1.output.dense.weight"])] == 0.5
-    assert lr_of[id(named[f"{base}.encoder.layer.0.output.dense.weight"])] == 0.25
-    assert lr_of[id(named[f"{base}.embeddings.word_embeddings.weight"])] == 0.125
-    assert wd_of[id(named["classifier.bias"])] == 0.0 and wd_of[id(named["classifier.weight"])] == 0.01
 
 
 def test_ensemble_logits():
@@ -426,6 +376,86 @@ def test_ensemble_logits():
     assert ensemble_logits([[1.0, 2.0], [3.0, 4.0]]).tolist() == [2.0, 3.0]  # regression scores
     with pytest.raises(VegaError, match="shape"):
         ensemble_logits([a, [[1.0, 2.0]]])
+    saved = [torch.randn(50, 3).numpy() for _ in range(3)]  # fp32, as dev_logits.npy
+    mean = ensemble_logits(saved)
+    assert mean.dtype == np.float32 and np.array_equal(mean, np.mean(saved, axis=0))  # the sweep's seed ensemble
+
+
+# ------------------------------------------------------------------------------------------ objective, hooks
+
+
+@pytest.mark.parametrize("num_labels", [2, 1], ids=["cls", "reg"])
+def test_build_objective_task_loss_is_the_runners_formula(num_labels):
+    """task_loss equals the runner's former CE / MSE bit for bit, loss and gradients."""
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    batch = make_batch(num_labels)
+    model = make_model("vega", num_labels=num_labels, dropout=0.0)
+    loss, logs = build_objective(num_labels, keys, [])(model, batch)
+    loss.backward()
+    g = grads(model)
+    model.zero_grad()
+    logits = model(**{k: batch[k] for k in keys}).logits.float()
+    if num_labels == 1:
+        want = F.mse_loss(logits.squeeze(-1), batch["labels"].float())
+    else:
+        want = F.cross_entropy(logits, batch["labels"])
+    want.backward()
+    assert torch.equal(loss, want) and torch.equal(g, grads(model))
+    assert logs == {"task_loss": float(want.detach()), "tokens": float(batch["attention_mask"].sum())}
+
+
+def test_build_objective_shares_one_state_per_step():
+    model = make_model("bert", dropout=0.0)
+    sc, fl = build("selfcal"), build("freelb")
+    sc.progress = 0.5
+    sc.store, sc.seen = torch.full((4, 2), 0.5), torch.ones(4, dtype=torch.bool)
+    objective = build_objective(2, ("input_ids", "attention_mask", "token_type_ids"), [("selfcal", sc), ("freelb", fl)])
+    batch = make_batch()
+    loss, logs = objective(model, batch)
+    assert set(logs) == {"task_loss", "tokens", "selfcal/selfcal/alpha", "selfcal/selfcal/loss", "freelb/freelb/adv_loss"}
+    # FreeLB swapped the (soft-target) clean term out: only its perturbed losses are left
+    assert loss.item() == pytest.approx(logs["freelb/freelb/adv_loss"], rel=1e-5)
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels", "index"}  # no keys added
+
+
+def test_changes_eval_model():
+    from vegalm.finetune.tricks.base import Trick
+
+    assert changes_eval_model(build("ema"))
+    for name in ("selfcal", "adv", "smart", "freelb", "r3f", "sift", "llrd", "reinit"):
+        assert not changes_eval_model(build(name)), name
+    assert not changes_eval_model(build("adv", method="smart"))  # the wrapper asks its method
+    assert not changes_eval_model(Trick())
+    swa = type("SWA", (Trick,), {"eval_model": lambda self, model: model})
+    assert changes_eval_model(swa())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_llrd_trick_is_the_optimizer_groups(kind):
+    model = make_model(kind)
+    tricks = [("selfcal", build("selfcal")), ("llrd", build("llrd", decay=0.5))]
+    got = trick_param_groups(tricks, model, 1e-3, 0.01)
+    want = layerwise_lr_groups(model, 1e-3, 0.5, layer_id, weight_decay=0.01)
+    assert [(g["lr"], g["weight_decay"], g["group"], [id(p) for p in g["params"]]) for g in got] == \
+        [(g["lr"], g["weight_decay"], g["group"], [id(p) for p in g["params"]]) for g in want]
+    assert trick_param_groups(tricks[:1], model, 1e-3, 0.01) is None
+    with pytest.raises(ConfigError, match="both set"):
+        trick_param_groups([*tricks, ("again", build("llrd"))], model, 1e-3, 0.01)
+
+
+def test_reinit_trick_runs_first_and_is_reinit_top_layers():
+    model, ref = make_model("vega", seed=3), make_model("vega", seed=3)
+    tricks = sort_tricks([("ema", build("ema")), ("reinit", build("reinit", layers=1))])
+    assert [n for n, _ in tricks] == ["reinit", "ema"]
+    torch.manual_seed(7)
+    for _, t in tricks:
+        t.setup(model)
+    torch.manual_seed(7)
+    names = reinit_top_layers(ref, 1)
+    assert tricks[0][1].reinitialised == names
+    ema_copy = dict(tricks[1][1].eval_model(model).named_parameters())
+    for n, p in ref.named_parameters():
+        assert torch.equal(dict(model.named_parameters())[n], p) and torch.equal(ema_copy[n], p), n
 
 
 # ------------------------------------------------------------------------------------------ self-training

@@ -1,4 +1,5 @@
-"""WNLI candidate competition (finetune/wnli.py, experiments/wnli.py) on the real WNLI files, and its wiring into runs and sweeps."""
+"""WNLI candidate competition (finetune/stages/wnli.py, experiments/wnli.py) on the real WNLI files; its wiring
+into runs and sweeps."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import torch
 from vegalm.data.glue import Example, load_split
 from vegalm.errors import VegaError
 from vegalm.experiments.wnli import premise_folds
-from vegalm.finetune.runner import FinetuneConfig, config_hash, minilm_path, resolve, run_finetune
-from vegalm.finetune.wnli import GroupPrior, apply_treatment, premise_key, rank_predictions
+from vegalm.finetune.config import FinetuneConfig, config_hash, resolve
+from vegalm.finetune.models import minilm_path
+from vegalm.finetune.run import run_finetune
+from vegalm.finetune.stages.wnli import GroupPrior, apply_treatment, premise_key, rank_predictions
 
 GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
@@ -96,7 +99,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 def test_finetune_writes_treated_predictions_and_report(tiny_dir, tmp_path, fresh_accelerate):
     base = dict(task="wnli", model=str(tiny_dir), glue_dir=str(GLUE_DIR), max_steps=2, batch_size=16,
                 progress=False, save_model=False)
-    res = run_finetune(FinetuneConfig(**base, out=str(tmp_path / "w"), wnli_treatment="groups+train"))
+    res = run_finetune(FinetuneConfig.of(**base, out=str(tmp_path / "w"), wnli_treatment="groups+train"))
     rep = res["wnli"]
     assert rep["treatment"] == "groups+train" and rep["dev"]["majority_floor"] == 56.34
     assert rep["dev"]["accuracy"] == round(res["dev"]["dev"]["accuracy"], 2)
@@ -112,14 +115,14 @@ def test_finetune_writes_treated_predictions_and_report(tiny_dir, tmp_path, fres
                               load_split("wnli", "train", GLUE_DIR))
     assert written == want.tolist()
     # the key changes the cache key of a WNLI run only
-    k = {t: {v: config_hash(resolve(FinetuneConfig(**{**base, "task": t}, out="o", wnli_treatment=v)))
+    k = {t: {v: config_hash(resolve(FinetuneConfig.of(**{**base, "task": t}, out="o", wnli_treatment=v)))
              for v in ("none", "groups")} for t in ("wnli", "rte")}
     assert k["wnli"]["none"] != k["wnli"]["groups"] and k["rte"]["none"] == k["rte"]["groups"]
 
 
 def test_glue_sweep_submission_follows_the_treatment(tiny_dir, tmp_path, fresh_accelerate):
-    from vegalm.finetune.glue_runner import run_glue
-    from vegalm.finetune.submission import read_submission
+    from vegalm.experiments.glue import run_glue
+    from vegalm.experiments.submission import read_submission
 
     res = run_glue(str(tiny_dir), "wnli", 1, tmp_path / "g", glue_dir=str(GLUE_DIR), max_steps=2, batch_size=16,
                    progress=False, wnli_treatment="groups")

@@ -23,7 +23,7 @@ content, so `runs/gpu-abl` carried to the next machine is reused there and only 
 
 Why bf16 on the GPU: by a FLOP count (not a measurement), 16 MiniLM runs side by side would be bound by
 fp32 matrix work on one H100; bf16 autocast cuts that work. `adv` (SiFT) perturbs by 1e-2 of a
-unit-variance vector, which bf16 keeps (tricks/adversarial.py, precision note). Every record keeps its
+unit-variance vector, which bf16 keeps (docs/tricks.md, the `adv` umbrella). Every record keeps its
 device and settings.
 """
 

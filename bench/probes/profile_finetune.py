@@ -2,7 +2,7 @@
 import sys, torch, copy
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from vegalm.data.glue import load_split
-from vegalm.finetune.runner import minilm_path
+from vegalm.finetune.models import minilm_path
 from vegalm.model.unpad import enable_unpadding
 torch.set_num_threads(1)
 tok = AutoTokenizer.from_pretrained(str(minilm_path()))

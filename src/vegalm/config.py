@@ -198,6 +198,19 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     (if it has one: it raises ConfigError naming the field, and the error gets the dotted `prefix`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a mapping, got {data!r}")
+    aliases = {v: k for k, v in getattr(cls, "KEY_ALIASES", {}).items() if k in data}  # dotted place -> as given
+    if aliases:
+        try:
+            return _from_dict(cls, move_aliases(cls, data, prefix), prefix)
+        except ConfigError as e:  # name the key as the user wrote it (lr, not train.lr)
+            msg = str(e)
+            for place, short in aliases.items():
+                msg = msg.replace(f"{prefix}{place}:", f"{prefix}{short}:")
+            raise ConfigError(msg) from None
+    return _from_dict(cls, data, prefix)
+
+
+def _from_dict(cls: type[T], data: dict[str, Any], prefix: str) -> T:
     hints = typing.get_type_hints(cls)
     fields = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [k for k in data if k not in fields]
@@ -205,7 +218,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if unknown and rest is not None:  # a section of its own keys plus another dataclass's, checked by check()
         data = {**{k: v for k, v in data.items() if k in fields}, rest: {**data.get(rest, {}), **{k: data[k] for k in unknown}}}
     elif unknown:
-        raise _unknown_key(cls, prefix, unknown[0], fields)
+        raise _unknown_key(cls, prefix, unknown[0], fields + list(getattr(cls, "KEY_ALIASES", {})))
     obj = cls(**{name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()})
     if callable(getattr(obj, "check", None)):
         try:
@@ -213,6 +226,52 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         except ConfigError as e:
             raise ConfigError(_under(prefix, str(e))) from None
     return obj
+
+
+def option(help: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A dataclass field with its `--help` text in the metadata (SimCSE style): `lr: float = option("...", 1e-4)`."""
+    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+
+def move_aliases(cls: type, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Rewrite the short keys a dataclass allows (its `KEY_ALIASES` ClassVar, e.g. `lr` -> `train.lr`) to their
+    dotted place; giving both spellings is an error. Other classes' data is returned as it is."""
+    aliases: dict[str, str] = getattr(cls, "KEY_ALIASES", {})
+    if not any(k in aliases for k in data):
+        return data
+    out = {k: v for k, v in data.items() if k not in aliases}
+    for short in (k for k in data if k in aliases):
+        *sections, name = aliases[short].split(".")
+        node = out
+        for part in sections:
+            child = node.get(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{prefix}{part}: expected a mapping, got {child!r}")
+            node[part] = child = dict(child)  # a copy: the caller's data is never changed
+            node = child
+        if name in node:
+            raise ConfigError(f"{prefix}{short} and {prefix}{aliases[short]}: the same setting given twice")
+        node[name] = data[short]
+    return out
+
+
+def field_help(cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field of `cls` with `metadata["help"]`, nested dataclasses
+    included: what `--help` prints, so the help cannot drift from the dataclass."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        sub = next((t for t in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(t)), None)
+        if sub is not None:
+            out += field_help(sub, f"{prefix}{f.name}.")
+        elif "help" in f.metadata:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # fmt: skip
+            out.append((prefix + f.name, "" if default in (None, "", [], {}) else str(default).lower()
+                        if isinstance(default, bool) else str(default), f.metadata["help"]))
+    return out
 
 
 def _rest_field(cls: type) -> str | None:

@@ -61,3 +61,12 @@ def atomic_write_json(path: str | Path, obj: Any, **json_kw: Any) -> Path:
     """Write `obj` as JSON (default indent=2, one trailing newline) to `path` atomically; `json_kw` go to json.dumps."""
     json_kw.setdefault("indent", 2)
     return atomic_write_text(path, json.dumps(obj, **json_kw) + "\n")
+
+
+def write_if_changed(path: str | Path, text: str) -> None:
+    """Rewrite only on a change, so the file (and a cache key hashed from it) stays put on a rerun."""
+    path = Path(path)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)

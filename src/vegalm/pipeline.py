@@ -68,7 +68,7 @@ def _run_pipeline(models: dict[str, RecipeConfig], out: Path, retrain: bool) -> 
         # The first model trains the tokenizer; the second reuses it and the packed segments.
         pre[name] = run_pretrain(rc, out / name, data_dir=out / "data", tokenizer_dir=shared_tok, retrain=retrain)
 
-    from vegalm.finetune.glue_runner import run_glue
+    from vegalm.experiments.glue import run_glue
 
     tasks, seeds, glue_cfg = cfg.glue.tasks, cfg.glue.seeds, cfg.glue.settings
     glue: dict[str, dict] = {}

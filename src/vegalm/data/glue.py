@@ -31,7 +31,9 @@ Mistakes in files raise `GlueFormatError` with one line naming `file:line`.
 from __future__ import annotations
 
 import csv
+import json
 import os
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -441,3 +443,31 @@ def task_texts(task: str, glue_dir: str | Path | None = None) -> list[str]:
                 if text and text not in seen:
                     seen[text] = None
     return list(seen)
+
+
+def train_subset(examples: list, n: int | None) -> list:
+    """`max_train_samples`: a random sample of n examples (seed 0, the same for every run seed), in file order."""
+    if n is None or n >= len(examples):
+        return examples
+    keep = sorted(random.Random(0).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
+
+
+def load_extra_train(path: str | Path, spec: TaskSpec) -> list[Example]:
+    """A JSONL of labelled rows (guid, index, text_a, text_b, label: class id, or a float score for STS-B)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                label = float(row["label"]) if spec.is_regression else int(row["label"])
+                ex = Example(str(row["guid"]), int(row["index"]), str(row["text_a"]), row.get("text_b"), label)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise VegaError(f"{path}:{line_no}: bad extra_train row ({type(e).__name__}: {e})") from None
+            if not spec.is_regression and not 0 <= label < spec.num_labels:
+                raise VegaError(f"{path}:{line_no}: label {label} outside [0, {spec.num_labels}) for {spec.name}")
+            out.append(ex)
+    return out
+

@@ -1,4 +1,4 @@
-"""`vegalm ablate`: the trick ablation sweep (vegalm.experiments.ablate), its table and committed records."""
+"""`vegalm glue` (tasks x seeds, report, submission) and `vegalm ablate` (the trick ablation and its records)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,20 @@ from pathlib import Path
 
 from vegalm.config import ConfigError
 from vegalm.finetune.cli import _KEYS_HELP, _settings
+
+GLUE_DESC = f"""Run each task x seed with `vegalm finetune` into OUT/<task>/seed<k>/ (finished runs are
+reused, so an interrupted sweep continues), then write OUT/results.md (median, mean ± std, best seed
+per task and the GLUE score with its averaging rule), OUT/results.json, OUT/results.png and
+OUT/submission.zip (11 files; tasks not run get placeholders). Test predictions come from the best
+dev seed, or from the mean of the seeds' logits with --ensemble.
+
+{_KEYS_HELP} They apply to every run; save_model defaults to false in a sweep.
+
+examples:
+  vegalm glue --model runs/pt/discriminator --tasks cola,sst2,mrpc,stsb,rte,wnli --seeds 3 --out runs/glue
+  vegalm glue --model minilm-l6 --tasks rte,mrpc,stsb --seeds 5 --out runs/glue-mini --ensemble
+  vegalm glue --model PATH --tasks cola,sst2,mrpc,stsb,rte,wnli,qnli --seeds 3 --out runs/glue --skip-missing
+"""
 
 ABLATE_DESC = f"""Trick ablation: run each combo x task x seed with `vegalm finetune` (vega per-task defaults)
 into OUT/<combo>/<task>/seed<k>/ (finished runs are reused, so an interrupted sweep continues), write one
@@ -36,6 +50,18 @@ examples:
 
 
 def register(sub, formatter) -> None:
+    g = sub.add_parser("glue", help="GLUE sweep: tasks x seeds, report, submission zip", description=GLUE_DESC,
+                       formatter_class=formatter)
+    g.add_argument("--model", required=True, help="model folder, or minilm-l6")
+    g.add_argument("--tasks", required=True, help="comma-separated, e.g. cola,sst2,mrpc,stsb,rte,wnli,qnli")
+    g.add_argument("--seeds", default="3", help="a count (3 = seeds 0,1,2) or a list (1,5,9)")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--ensemble", action="store_true", help="average the seeds' logits (dev score + test predictions)")
+    g.add_argument("--skip-missing", action="store_true", help="skip tasks without a train file instead of failing")
+    g.add_argument("--recipe", default=None, help="YAML file of FinetuneConfig keys applied to every run")
+    g.add_argument("settings", nargs="*", metavar="key=value", help="FinetuneConfig overrides for every run")
+    g.set_defaults(func=_glue)
+
     a = sub.add_parser("ablate", help="trick ablation: combos x tasks x seeds, table, plot, committed records",
                        description=ABLATE_DESC, formatter_class=formatter)
     a.add_argument("--model", default=None, help="model folder, or minilm-l6 (not needed with --summary)")
@@ -61,6 +87,19 @@ def register(sub, formatter) -> None:
     a.add_argument("--recipe", default=None, help="YAML file of FinetuneConfig keys applied to every run")
     a.add_argument("settings", nargs="*", metavar="key=value", help="FinetuneConfig overrides for every run")
     a.set_defaults(func=_ablate)
+
+
+def _glue(args: argparse.Namespace) -> int:
+    from vegalm.experiments.glue import run_glue
+
+    data = _settings(args.recipe, args.settings)
+    res = run_glue(args.model, args.tasks, args.seeds, args.out, ensemble=args.ensemble,
+                   skip_missing=args.skip_missing, **data)
+    g = res["glue"]["median"]
+    print(f"GLUE dev score (median over {len(res['seeds'])} seed(s)): {g['score']:.2f} over "
+          f"{len(g['task_scores'])} task(s){' (' + g['note'] + ')' if g['note'] else ''}\n"
+          f"report: {args.out}/results.md, submission: {args.out}/submission.zip")
+    return 0
 
 
 def _ablate(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""WNLI study: dev accuracy of every `wnli_treatment` and a test-like estimate of `groups` (finetune/wnli.py).
+"""WNLI study: dev accuracy of every `wnli_treatment` and a test-like estimate of `groups` (finetune/stages/wnli.py).
 
     python -m vegalm.experiments.wnli --model minilm-l6 --seeds 3 --out runs/wnli --results results/wnli
 
@@ -18,10 +18,11 @@ import numpy as np
 
 from vegalm.config import apply_overrides
 from vegalm.data.glue import load_split, resolve_glue_dir
-from vegalm.finetune.glue_runner import parse_seeds
+from vegalm.experiments.glue import parse_seeds
 from vegalm.finetune.naming import model_tag
-from vegalm.finetune.runner import run_finetune
-from vegalm.finetune.wnli import premise_key
+from vegalm.finetune.run import run_finetune
+from vegalm.finetune.stages.wnli import premise_key
+from vegalm.io import atomic_write_text
 
 def premise_folds(glue_dir: str | Path, out: str | Path, folds: int = 2, seed: int = 0) -> list[Path]:
     """GLUE folders holding WNLI only: fold i's train.tsv has the train premises outside fold i, its dev.tsv
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.results:
         dest = Path(args.results) / f"{model_tag(args.model)}.json"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+        atomic_write_text(dest, json.dumps(res, indent=1) + "\n")
     print(json.dumps(res))
     return 0
 

@@ -10,7 +10,9 @@ import io
 import json
 import logging
 import os
+import platform
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import numpy as np
 from torch import nn
 
 from vegalm.data.glue import TaskSpec
+from vegalm.finetune.predict import metric_key
 from vegalm.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from vegalm.model.hf import save_tokenizer
 from vegalm.outdir import MARKER, OutputDirError, claim_dir, read_marker, safe_rmtree
@@ -182,3 +185,95 @@ def row_ranges(names: list[str], parts: list[np.ndarray]) -> dict[str, list[int]
         out[name] = [start, start + len(p)]
         start += len(p)
     return out
+
+
+def cached_results(out: str | Path, key: str) -> dict | None:
+    """out/results.json if it was written by a run with cache key `key` and its prediction files exist."""
+    path = Path(out) / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        res = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        log.warning("%s: unreadable, rerunning", path)
+        return None
+    if res.get("config_hash") != key:
+        log.warning("%s: written with another config (hash %s, now %s): rerunning and overwriting",
+                    path, res.get("config_hash"), key)
+        return None
+    needed = ["dev_predictions.tsv", "dev_logits.npy"]
+    if res.get("test_rows"):
+        needed += ["test_predictions.tsv", "test_logits.npy"]
+    if any(not (Path(out) / f).is_file() for f in needed):
+        return None
+    return res
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import vegalm
+
+    return {"vegalm": vegalm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _device_info(device: Any) -> dict[str, Any]:
+    """Which machine produced a result: the device, its name (the GPU's, else the CPU's) and threads."""
+    import torch
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"device": str(device), "device_name": name, "cpu_threads": torch.get_num_threads()}
+
+
+def results_record(spec: TaskSpec, cfg: Any, resolved: dict, key: str, ev: Any, summary: dict, train_ds: Any,
+                   trainer: Any, *, fresh: Any, reinit: list, evaluated: str, timing: dict) -> dict[str, Any]:
+    """The content of results.json (its wall time is set again just before it is written)."""
+    bs = resolved["batch_size"]
+    results = {
+        "task": spec.name,
+        "seed": cfg.train.seed,
+        "config_hash": key,
+        "dev": ev.dev_metrics,
+        "dev_score": ev.dev_score,
+        "dev_metric_keys": {s: metric_key(spec, s) for s in ev.dev_ds},
+        "dev_rows": row_ranges(list(ev.dev_ds), list(ev.dev_logits.values())),
+        "test_rows": row_ranges(list(ev.test_ds), list(ev.test_logits.values())),
+        "num_labels": spec.num_labels,
+        "num_train_examples": len(train_ds),
+        "train": {"steps": summary["step"], "final_loss": summary["loss"], "skipped_steps": summary["skipped_steps"],
+                  "epochs": summary["step"] * bs / len(train_ds), "resumed_from_step": summary["resumed_from"]},
+        "model": {"backend": resolved["backend"], "weights_from": resolved["init_from"] or resolved["model"],
+                  "fresh_weights": fresh, "reinitialised": reinit,
+                  "num_parameters": sum(p.numel() for p in trainer.model.parameters()), "evaluated": evaluated},
+        "tricks": list(cfg.tricks),
+        "timing": {**{k: round(v, 2) for k, v in timing.items()}, "wall_s": round(sum(timing.values()), 2)},
+        "versions": _versions(),
+        **_device_info(trainer.accelerator.device),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config": resolved,
+    }
+    if ev.wnli is not None:
+        results["wnli"] = ev.wnli
+    return results
+
+
+def write_outputs(out: Path, spec: TaskSpec, ev: Any, results: dict, model: nn.Module | None, tokenizer: Any,
+                  key: str, t0: float) -> None:
+    """Prediction TSVs, logits, the model (when given) and last results.json, all into out/."""
+    out.mkdir(parents=True, exist_ok=True)
+    dev_preds = None if spec.is_regression else ev.dev_preds
+    write_tsv(out / "dev_predictions.tsv", [(s, ev.dev_ds[s], ev.dev_logits[s]) for s in ev.dev_ds], spec, True,
+              dev_preds)
+    save_logits(out / "dev_logits.npy", list(ev.dev_logits.values()))
+    if ev.test_ds:
+        # an MNLI run's AX rows share MNLI's three labels, so one spec formats both
+        write_tsv(out / "test_predictions.tsv", [(s, ev.test_ds[s], ev.test_logits[s]) for s in ev.test_ds], spec,
+                  False, ev.test_preds)
+        save_logits(out / "test_logits.npy", list(ev.test_logits.values()))
+    if model is not None:
+        save_model(model, tokenizer, out / "model", key)
+    results["timing"]["wall_s"] = round(time.perf_counter() - t0, 2)
+    write_results(out, results)
+

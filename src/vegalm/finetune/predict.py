@@ -1,9 +1,10 @@
-"""Evaluation of a fine-tuned model: logits of a split, the task's metric key, predicted labels (argmax, or
-a WNLI decision rule), and the WNLI report written into results.json.
+"""Evaluation of a fine-tuned model: logits of each split, the task's metric key, predicted labels (argmax, or
+a WNLI decision rule), dev metrics, and the WNLI report written into results.json.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,10 +12,11 @@ import torch
 from torch import nn
 
 from vegalm.data.glue import TaskSpec, load_split
+from vegalm.finetune.metrics import compute_metrics, task_score
 from vegalm.finetune.models import forward_inputs
 from vegalm.finetune.tasks import Collator, GlueDataset
-from vegalm.finetune.wnli import TREATMENTS as WNLI_TREATMENTS
-from vegalm.finetune.wnli import apply_treatment
+from vegalm.finetune.stages.wnli import TREATMENTS as WNLI_TREATMENTS
+from vegalm.finetune.stages.wnli import apply_treatment
 
 
 @torch.no_grad()
@@ -52,7 +54,7 @@ def metric_key(spec: TaskSpec, split: str) -> str:
 def class_predictions(spec: TaskSpec, split: str, logits: np.ndarray, config: dict, glue_dir: str,
                       examples: list | None = None) -> np.ndarray:
     """Predicted label ids (classification) or scores (regression) of one split, as the run's config says:
-    argmax, except WNLI under `wnli_treatment` (groups, groups+train, majority: finetune/wnli.py)."""
+    argmax, except WNLI under `wnli_treatment` (groups, groups+train, majority: finetune/stages/wnli.py)."""
     if spec.is_regression:
         return logits[:, 0]
     treatment = config.get("wnli_treatment", "none")
@@ -64,7 +66,7 @@ def class_predictions(spec: TaskSpec, split: str, logits: np.ndarray, config: di
 
 def wnli_report(resolved: dict, dev_ex: dict, dev_logits: dict, test_ex: dict, test_logits: dict) -> dict:
     """What the WNLI treatment did: dev accuracy with plain argmax and the majority floor beside the
-    treated one, and how many rows each rule decided (finetune/wnli.py explains why dev != test here)."""
+    treated one, and how many rows each rule decided (finetune/stages/wnli.py explains why dev != test here)."""
     train = load_split("wnli", "train", resolved["glue_dir"])
     majority = int(np.bincount([ex.label for ex in train], minlength=2).argmax())
     treatment = resolved.get("wnli_treatment", "none")
@@ -81,3 +83,40 @@ def wnli_report(resolved: dict, dev_ex: dict, dev_logits: dict, test_ex: dict, t
                              accuracy_by_treatment=every, majority_floor=round(100 * float(np.mean(gold == majority)), 2))
             rep[split] = entry
     return rep
+
+
+@dataclass
+class Evaluation:
+    """Logits, predictions and metrics of every dev and test split of one run."""
+
+    dev_ds: dict[str, GlueDataset]
+    test_ds: dict[str, GlueDataset]
+    dev_logits: dict[str, np.ndarray]
+    test_logits: dict[str, np.ndarray]
+    dev_preds: dict[str, np.ndarray]
+    test_preds: dict[str, np.ndarray] | None  # None for regression: the TSV writes the scores
+    dev_metrics: dict[str, dict[str, float]]
+    dev_score: float
+    wnli: dict | None = None
+
+
+def evaluate_splits(model: nn.Module, spec: TaskSpec, resolved: dict, collate: Collator, cfg: Any,
+                    device: torch.device, dev_ex: dict, dev_ds: dict, test_ex: dict, test_ds: dict) -> Evaluation:
+    """Predict every dev and test split with `model`, then score the dev splits (mean of the task scores)."""
+    bf16, glue_dir = cfg.train.mixed_precision == "bf16", resolved["glue_dir"]
+
+    def run(ds: GlueDataset, desc: str) -> np.ndarray:
+        return predict_logits(model, ds, collate, cfg.eval_batch_size, device, bf16, cfg.train.progress, desc)
+
+    dev_logits = {s: run(ds, f"{spec.name} {s}") for s, ds in dev_ds.items()}
+    test_logits = {s: run(ds, f"{spec.name} {s}") for s, ds in test_ds.items()}
+    dev_metrics, dev_preds = {}, {}
+    for s, ds in dev_ds.items():
+        dev_preds[s] = class_predictions(spec, s, dev_logits[s], resolved, glue_dir, dev_ex[s])
+        dev_metrics[s] = compute_metrics(metric_key(spec, s), dev_preds[s], [f["labels"] for f in ds.features])
+    test_preds = {s: class_predictions(spec, s, test_logits[s], resolved, glue_dir, test_ex[s])
+                  for s in test_ds} if not spec.is_regression else None
+    dev_score = float(np.mean([task_score(metric_key(spec, s), m) for s, m in dev_metrics.items()]))
+    wnli = wnli_report(resolved, dev_ex, dev_logits, test_ex, test_logits) if spec.name == "wnli" else None
+    return Evaluation(dev_ds, test_ds, dev_logits, test_logits, dev_preds, test_preds, dev_metrics, dev_score, wnli)
+

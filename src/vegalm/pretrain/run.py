@@ -72,13 +72,14 @@ class GlueConfig:
         "rest": True, "help": "the section's other keys: FinetuneConfig fields (lr, epochs, max_train_samples, ...)"})
 
     def check(self) -> None:
-        from vegalm.finetune.runner import FinetuneConfig  # lazy: the recipe loads before torch is needed
+        from vegalm.finetune.config import FinetuneConfig, flat_settings  # lazy: the recipe loads before torch is needed
 
         if self.seeds < 1:
             raise ConfigError(f"seeds: must be >= 1, got {self.seeds}")
-        for key in ("task", "model", "out", "seed"):
-            if key in self.settings:
-                raise ConfigError(f"{key}: set by `vegalm run` itself (use glue.tasks / glue.seeds)")
+        flat = flat_settings(self.settings)  # seed= and train.seed= are one key
+        given = [k for k in ("task", "model", "out", "seed") if k in flat]
+        if given:
+            raise ConfigError(f"{given[0]}: set by `vegalm run` itself (use glue.tasks / glue.seeds)")
         from_dict(FinetuneConfig, {**self.settings, "task": (self.tasks or ["rte"])[0], "model": "-", "out": "-"})
 
 
@@ -256,7 +257,7 @@ def _run_pretrain(cfg: RecipeConfig, out: Path, resume: bool, data_dir: Path | N
     result = {"recipe": cfg.name, "phases": summaries, "wall_s": time.time() - t0, "tokenizer": str(tok_dir)}
     if accelerator is None or accelerator.is_main_process:
         # A re-run of a finished recipe keeps its export: rewriting unchanged weights only costs time
-        # (fine-tuning caches key on the weights' content, finetune/runner.py `_fingerprint`).
+        # (fine-tuning caches key on the weights' content, finetune/config.py `resolve`).
         export_key = config_hash(keyed[-1][2])  # the export is what the last phase trained
         previous = None if trained else _previous_export(out, export_key)
         if previous is not None:

@@ -11,6 +11,10 @@ processes: 1 process with batch 32 and 4 processes with global batch 32 train on
 The last incomplete global batch of an epoch is dropped (every step has exactly the same
 number of examples, which keeps gradient averaging and multi-process equivalence exact).
 
+Order strategies (`orders=[length_grouping(lengths), sorted_micro_batches(lengths)]`) reorder each
+epoch's seeded permutation, in list order. Each is a pure function of (permutation, epoch, Layout), so the order
+stays a function of (seed, epoch) and a resume continues it exactly. What they gain: docs/finetuning.md.
+
 The sampler has two cursors. `__iter__` is an endless producer that starts at the state it
 had when the iterator was created; `state_dict()` is the CONSUMED position, advanced by the
 trainer calling `advance()` after each optimizer step. DataLoader workers may prefetch ahead,
@@ -27,11 +31,26 @@ but a checkpoint always records the consumed position, so a resume never skips o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from vegalm.errors import VegaError
+
+GROUP_CHUNK = 50  # global batches per length-sorted chunk (transformers' LengthGroupedSampler uses up to 50)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What an order strategy may know of its sampler (fixed for the run)."""
+
+    num_samples: int
+    global_batch: int
+    seed: int
+
+
+Order = Callable[[torch.Tensor, int, Layout], torch.Tensor]  # (permutation, epoch, layout) -> permutation
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -46,6 +65,7 @@ class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
         world_size: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        orders: Sequence[Order] = (),
     ):
         if global_batch % (grad_accum * world_size) != 0:
             raise VegaError(
@@ -64,6 +84,8 @@ class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.world_size = world_size
         self.seed = seed
         self.shuffle = shuffle
+        self.orders = tuple(orders)  # applied in order to each epoch's seeded permutation
+        self.layout = Layout(num_samples, global_batch, seed)
         self.micro_batch = global_batch // grad_accum  # examples per micro-batch, all processes
         self.local_batch = self.micro_batch // world_size  # examples per micro-batch, this process
         self.epoch = 0
@@ -74,10 +96,14 @@ class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
         return self.num_samples // self.global_batch  # incomplete last global batch dropped
 
     def permutation(self, epoch: int) -> torch.Tensor:
+        """Epoch `epoch`'s order of the dataset: the seeded shuffle, then each order strategy."""
         if not self.shuffle:
-            return torch.arange(self.num_samples)
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_samples, generator=g)
+            perm = torch.arange(self.num_samples)
+        else:
+            perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+        for order in self.orders:
+            perm = order(perm, epoch, self.layout)
+        return perm
 
     def global_indices(self, epoch: int, position: int) -> list[int]:
         """The global batch that starts at `position` of epoch `epoch` (all processes, all micro-batches)."""
@@ -125,3 +151,67 @@ class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
                 f"resuming with batch_size={self.global_batch} seed={self.seed} would change the data order"
             )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+# ---------------------------------------------------------------------------------- order strategies
+
+
+def length_grouped_permutation(
+    base: torch.Tensor, lengths: Sequence[int], global_batch: int, seed: int, chunk: int = GROUP_CHUNK
+) -> torch.Tensor:
+    """Reorder a (seeded) permutation so that each global batch holds examples of similar length.
+
+    `base` is cut into chunks of `chunk * global_batch`; each chunk is sorted by length (longest first,
+    ties keep `base` order) and cut into global batches; the batches are then shuffled with `seed`.
+    The leftover tail (fewer than one global batch, dropped by the sampler) stays at the end, so the
+    set of examples trained per epoch is the same as without grouping. Pure function of its inputs.
+    """
+    order = base.tolist()
+    usable = len(order) - len(order) % global_batch
+    size = chunk * global_batch
+    batches: list[list[int]] = []
+    for start in range(0, usable, size):
+        part = sorted(order[start : min(start + size, usable)], key=lambda i: -lengths[i])
+        batches.extend(part[j : j + global_batch] for j in range(0, len(part), global_batch))
+    g = torch.Generator().manual_seed(seed)
+    shuffled = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return torch.tensor([i for b in shuffled for i in b] + order[usable:], dtype=torch.long)
+
+
+def sort_within_batches(base: torch.Tensor, lengths: Sequence[int], global_batch: int) -> torch.Tensor:
+    """Sort each window of `global_batch` entries of a permutation by length (longest first, ties keep
+    `base` order); the tail (fewer than one global batch) stays as it is. Same examples per window."""
+    order = base.tolist()
+    usable = len(order) - len(order) % global_batch
+    out: list[int] = []
+    for start in range(0, usable, global_batch):
+        out.extend(sorted(order[start : start + global_batch], key=lambda i: -lengths[i]))
+    return torch.tensor(out + order[usable:], dtype=torch.long)
+
+
+def _check(lengths: list[int], layout: Layout, what: str) -> list[int]:
+    if len(lengths) != layout.num_samples:
+        raise VegaError(f"{what}: {len(lengths)} lengths for {layout.num_samples} examples")
+    return lengths
+
+
+def length_grouping(lengths: Sequence[int], chunk: int = GROUP_CHUNK) -> Order:
+    """Order strategy: global batches of similar lengths (`length_grouped_permutation`), in a seeded order."""
+    lengths = list(lengths)
+
+    def order(perm: torch.Tensor, epoch: int, layout: Layout) -> torch.Tensor:
+        seed = layout.seed * 1_000_003 + epoch  # a different stream from the base shuffle's seed + epoch
+        return length_grouped_permutation(perm, _check(lengths, layout, "length grouping"), layout.global_batch,
+                                          seed, chunk)
+
+    return order
+
+
+def sorted_micro_batches(lengths: Sequence[int]) -> Order:
+    """Order strategy: each global batch sorted by length, so its `grad_accum` micro-batches pad alike."""
+    lengths = list(lengths)
+
+    def order(perm: torch.Tensor, epoch: int, layout: Layout) -> torch.Tensor:
+        return sort_within_batches(perm, _check(lengths, layout, "sorted micro-batches"), layout.global_batch)
+
+    return order

@@ -1,52 +1,10 @@
 """The one training loop of vegalm (pretraining and fine-tuning), on Hugging Face Accelerate.
 
-    def objective(model, batch):                     # may run several forward passes
-        out = model(**batch)
-        return out.loss, {"tokens": float(batch["attention_mask"].sum())}
-
     trainer = Trainer(model, objective, dataset, collate, TrainConfig(lr=3e-4, max_steps=500), "runs/x")
     summary = trainer.train(resume=True)            # resume=True continues from runs/x/checkpoints/latest
 
-Launch: `python train.py` (1 process), `torchrun --nproc_per_node 8 train.py`, or
-`accelerate launch --config_file configs/accelerate/ddp.yaml train.py`. `batch_size` is the GLOBAL
-batch of one optimizer step; each process gets batch_size / (processes x grad_accum) examples per
-micro-batch, and the data order does not depend on the number of processes (see sampler.py).
-
-What one step does: grad_accum micro-batches (objective -> backward, gradients synchronised only on
-the last), then one all-gather of the micro-batch losses so every process sees the same values. If any
-is NaN/inf the step is skipped on all processes (gradients zeroed, no update) and counted; after
-`max_bad_steps` skipped steps in a row training stops with `NonFiniteLossError`. Otherwise: clip to
-`max_grad_norm`, optimizer step. Skipped steps still consume their data and advance the LR schedule,
-so `step` always counts global batches and the lr is a pure function of `step`.
-
-Reproducibility: the loop seeds python/numpy/torch with `seed + process index` just before training
-(dropout masks differ between processes), and a checkpoint stores every RNG state, so a resumed run is
-bit-identical to an uninterrupted one on CPU, provided `num_workers == 0` (worker processes restart
-from fresh seeds on resume) and the model is deterministic.
-
-Resume is supported for a single process and DDP. Under FSDP / DeepSpeed (configs/accelerate/, untested
-on CPU) the checkpoints hold the gathered model weights only, `train(resume=True)` refuses to run, and
-DeepSpeed applies its optimizer step inside backward, so a non-finite step is only skipped by DeepSpeed's
-own fp16 overflow check.
-
-SIGINT / SIGTERM (Ctrl-C; what Slurm, Kubernetes and torchrun send) during `train()`: the processes agree
-at the next step boundary, save a checkpoint (when save_final or save_every is on) and raise
-`vegalm.errors.Interrupted` (step, checkpoint); a second signal acts at once. See train/interrupt.py.
-
-Processes must agree: the objective must return the same log keys on every process, and a callback
-that sets `should_stop` must set it on every process.
-
-Callbacks: objects with any of `on_step_end(trainer, step)`, `on_log(trainer, metrics)`,
-`extra_metrics(trainer, metrics) -> dict` (added to the log line before it is written), and, for state
-that must survive a resume (an EMA of the weights, stored predictions), `state_dict()` /
-`load_state_dict(state)`: that state is saved with every checkpoint, per process, and restored by
-`train(resume=True)` before the first step.
-
-Outputs: out_dir/metrics.jsonl (one line per log step), out_dir/tb (TensorBoard), out_dir/checkpoints.
-
-Test hook (environment; the checkpoint hooks VEGALM_TEST_CKPT_ABORT / _SLEEP are in checkpoint.py):
-VEGALM_TEST_NAN_STEPS="3,4" multiplies the objective's loss by NaN on those (1-based) optimizer steps of
-every Trainer in the process, so the skip / stop path can be driven through the CLI.
+`objective(model, batch) -> (loss, logs)`; `batch_size` is the global batch of one optimizer step. What a
+step does, reproducibility, resume, signals, callbacks and outputs: docs/training.md.
 """
 
 from __future__ import annotations
@@ -58,7 +16,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,12 +26,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, send_to_device, set_seed
 from torch import Tensor, nn
 
-from vegalm.config import ConfigError
+from vegalm.config import ConfigError, option
 from vegalm.errors import Interrupted, VegaError
 from vegalm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir_name
 from vegalm.train.interrupt import StopSignals
 from vegalm.train.optim import SCHEDULES, build_optimizer, build_scheduler
-from vegalm.train.sampler import ResumableBatchSampler
+from vegalm.train.sampler import Order, ResumableBatchSampler
 
 log = logging.getLogger(__name__)
 
@@ -82,29 +40,31 @@ Objective = Callable[[nn.Module, dict], tuple[Tensor, dict[str, float]]]
 
 @dataclass
 class TrainConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-6
-    max_steps: int = 1000  # optimizer steps
-    epochs: float | None = None  # if set, replaces max_steps: ceil(epochs x steps per epoch)
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0  # used if warmup_steps == 0
-    schedule: str = "linear"  # linear | cosine | constant
-    batch_size: int = 32  # GLOBAL batch per optimizer step (all processes x accumulation)
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    seed: int = 42
-    log_every: int = 10
-    save_every: int = 0  # 0 = only at the end
-    save_final: bool = True  # checkpoint the last step (fine-tuning turns it off: it keeps weights, not state)
-    keep_last: int = 2
-    max_bad_steps: int = 5  # consecutive non-finite losses before stopping with a diagnostic
-    num_workers: int = 0
-    fused_adamw: bool = True  # torch AdamW(fused=True) where supported; falls back to foreach
-    progress: bool = True
+    """The shared training loop's settings (pretraining phases and fine-tuning nest it as `train`)."""
+
+    lr: float = option("peak learning rate", 1e-4)
+    weight_decay: float = option("AdamW weight decay (not on biases and norms)", 0.01)
+    adam_beta1: float = option("AdamW beta1", 0.9)
+    adam_beta2: float = option("AdamW beta2", 0.999)
+    adam_eps: float = option("AdamW eps", 1e-6)
+    max_steps: int = option("optimizer steps", 1000)
+    epochs: float | None = option("if set, replaces max_steps: ceil(epochs x steps per epoch)", None)
+    warmup_steps: int = option("linear warm-up steps", 0)
+    warmup_ratio: float = option("warm-up as a share of the steps, used if warmup_steps is 0", 0.0)
+    schedule: str = option("linear | cosine | constant", "linear")
+    batch_size: int = option("GLOBAL batch per optimizer step (all processes x accumulation)", 32)
+    grad_accum: int = option("micro-batches per optimizer step", 1)
+    max_grad_norm: float = option("gradient clipping norm (0 = off)", 1.0)
+    mixed_precision: str = option("no | bf16 | fp16", "no")
+    seed: int = option("seed of the weights' noise, dropout and batch order", 42)
+    log_every: int = option("steps between metrics.jsonl / TensorBoard rows", 10)
+    save_every: int = option("checkpoint every N steps (0 = only at the end)", 0)
+    save_final: bool = option("checkpoint the last step", True)
+    keep_last: int = option("checkpoints kept", 2)
+    max_bad_steps: int = option("consecutive non-finite losses before stopping with a diagnostic", 5)
+    num_workers: int = option("DataLoader worker processes", 0)
+    fused_adamw: bool = option("torch AdamW(fused=True) where supported; else foreach", True)
+    progress: bool = option("progress bars", True)
 
     def check(self) -> None:
         """Raise ConfigError naming the key of an impossible value."""
@@ -157,6 +117,7 @@ class Trainer:
         param_groups: list[dict] | None = None,
         callbacks: list = (),
         accelerator: Accelerator | None = None,
+        orders: Sequence[Order] = (),
     ):
         cfg.check()
         self.cfg = cfg
@@ -185,7 +146,8 @@ class Trainer:
             )
         self.accelerator = acc = accelerator
         self.sampler = ResumableBatchSampler(
-            len(train_dataset), cfg.batch_size, cfg.grad_accum, acc.process_index, acc.num_processes, cfg.seed
+            len(train_dataset), cfg.batch_size, cfg.grad_accum, acc.process_index, acc.num_processes, cfg.seed,
+            orders=orders,  # e.g. sampler.length_grouping(lengths): reorder each epoch's permutation
         )
         if cfg.epochs is not None:
             self.max_steps = max(1, math.ceil(cfg.epochs * self.sampler.steps_per_epoch))

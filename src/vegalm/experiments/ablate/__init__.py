@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from vegalm.experiments.ablate.combos import ALL_TRICKS, Combo, parse_combos, valid_combo_names
 from vegalm.experiments.ablate.jobs import plan_jobs, run_ablation
-from vegalm.experiments.ablate.runs import pseudo_labels_from_run, run_one
+from vegalm.experiments.ablate.runs import run_one
 from vegalm.experiments.ablate.summary import (
     ANCHOR,
     load_records,
@@ -20,6 +20,7 @@ from vegalm.experiments.ablate.summary import (
     write_report,
 )
 from vegalm.finetune.naming import model_tag
+from vegalm.finetune.stages.self_training import pseudo_labels_from_run
 
 __all__ = [
     "ALL_TRICKS",

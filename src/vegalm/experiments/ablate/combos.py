@@ -1,4 +1,4 @@
-"""Ablation combos: the `--tricks` names of `vegalm ablate` (vanilla, single tricks, transductive, tapt, all)."""
+"""Ablation combos: the `--tricks` names of `vegalm ablate`, each a set of tricks plus stages (finetune/stages)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,22 @@ DEFAULT_COMBOS = "vanilla,adv,selfcal,transductive,all"
 VANILLA, TRANSDUCTIVE, ALL, TAPT = "vanilla", "transductive", "all", "tapt"
 ALL_TRICKS = ("adv", "selfcal")  # + transductive; docs/ablation.md says why not ema
 SET_BY_ABLATION = ("task", "model", "out", "seed", "tricks", "extra_train")
-PSEUDO_FRACTION = 0.3  # share of each test split kept as pseudo-labels (split evenly over the classes)
+SELF_TRAINING = "self_training"  # the stage names, in the order they run (finetune/stages)
 
 
 @dataclass(frozen=True)
 class Combo:
     name: str
     tricks: tuple[str, ...]
-    transductive: bool
-    tapt: bool = False  # task-adaptive RTD first (transductive (a)); our own encoders only
+    stages: tuple[str, ...] = ()  # (TAPT, SELF_TRAINING) or a part of it, in that order
+
+    @property
+    def transductive(self) -> bool:  # self-training on test pseudo-labels (the `transductive` part)
+        return SELF_TRAINING in self.stages
+
+    @property
+    def tapt(self) -> bool:  # task-adaptive RTD first; our own encoders only
+        return TAPT in self.stages
 
 
 def _trick_registry() -> list[str]:
@@ -57,7 +64,7 @@ def parse_combos(text: str | list[str]) -> list[Combo]:
             else:
                 raise ConfigError(f"tricks: unknown combo {raw!r} (valid: {', '.join(valid_combo_names())}; "
                                   "join parts with '+', e.g. adv+ema)")
-        out.append(Combo(raw, tuple(tricks), transductive, tapt))
+        out.append(Combo(raw, tuple(tricks), (TAPT,) * tapt + (SELF_TRAINING,) * transductive))
     if not out:
         raise ConfigError(f"tricks: no combo given (e.g. --tricks {DEFAULT_COMBOS})")
     return out

@@ -10,11 +10,13 @@ from typing import Any
 
 from vegalm.config import ConfigError
 from vegalm.errors import VegaError
-from vegalm.experiments.ablate.combos import (DEFAULT_COMBOS, PSEUDO_FRACTION, SET_BY_ABLATION, TAPT, VANILLA, Combo,
-                                              _record_name, parse_combos)
-from vegalm.experiments.ablate.runs import _write_if_changed, run_one
+from vegalm.experiments.ablate.combos import (DEFAULT_COMBOS, SET_BY_ABLATION, TAPT, VANILLA, Combo, _record_name,
+                                              parse_combos)
+from vegalm.experiments.ablate.runs import run_one
 from vegalm.experiments.ablate.summary import ANCHOR_MODEL, summarize, write_report
 from vegalm.finetune.naming import model_tag
+from vegalm.finetune.stages.self_training import PSEUDO_FRACTION
+from vegalm.io import write_if_changed
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ def _task_size(task: str, glue_dir: str, base: dict) -> float:
 def _run_and_record(combo: Combo, task: str, seed: int, ctx: dict) -> tuple[dict | None, int]:
     """One (combo, task, seed): run it (or read it back) and write its JSON record. With
     ctx["cached_only"], a run that is not cached gives (None, 0) and no record."""
-    from vegalm.finetune.runner import NotCachedError
+    from vegalm.finetune.run import NotCachedError
 
     try:
         rec, n = run_one(combo, task, seed, base=ctx["base"], trick_args=ctx["trick_args"], out=ctx["out"],
@@ -81,7 +83,7 @@ def _run_and_record(combo: Combo, task: str, seed: int, ctx: dict) -> tuple[dict
         log.warning("%s %s seed %d: skipped, %s", combo.name, task, seed, e)
         return None, 0
     rec = {**rec, **ctx["common"]}
-    _write_if_changed(ctx["rec_dir"] / _record_name(combo.name, rec["task"], seed),
+    write_if_changed(ctx["rec_dir"] / _record_name(combo.name, rec["task"], seed),
                       json.dumps(rec, indent=1, sort_keys=True) + "\n")
     return rec, n
 
@@ -149,12 +151,14 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
 
     from vegalm.config import from_dict
     from vegalm.data.glue import resolve_glue_dir, split_path
-    from vegalm.finetune.glue_runner import parse_seeds, parse_tasks
-    from vegalm.finetune.runner import (UNHASHED, FinetuneConfig, NotCachedError, minilm_path, resolve,
-                                        resolve_model_dir)
+    from vegalm.experiments.glue import parse_seeds, parse_tasks
+    from vegalm.finetune.config import UNHASHED, FinetuneConfig, flat_settings, resolve
+    from vegalm.finetune.models import minilm_path, resolve_model_dir
+    from vegalm.finetune.run import NotCachedError
 
     combo_list = parse_combos(combos)
     task_list, seed_list = parse_tasks(tasks), parse_seeds(seeds)
+    overrides = flat_settings(overrides)  # train.seed= is seed=: refused alike
     taken = [k for k in SET_BY_ABLATION if k in overrides]
     if taken:
         raise ConfigError(f"{taken[0]}: set by the ablation (use --model/--tasks/--seeds/--tricks/--out)")
@@ -213,7 +217,7 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
     trained = 0
     failed: list[str] = []
     total = len(seed_list) * len(task_list) * len(combo_list)
-    bar = tqdm(total=total, desc="ablation runs", unit="run", disable=not probe.progress)
+    bar = tqdm(total=total, desc="ablation runs", unit="run", disable=not probe.train.progress)
     try:
         if jobs > 1:
             sizes = {t: _task_size(t, glue_dir, base) for t in task_list}

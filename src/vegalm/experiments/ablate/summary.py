@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,9 @@ import numpy as np
 from vegalm.config import ConfigError
 from vegalm.errors import VegaError
 from vegalm.experiments.ablate.combos import ALL, TAPT, TRANSDUCTIVE, VANILLA
-from vegalm.experiments.ablate.runs import _write_if_changed
+from vegalm.experiments.report import md_row, md_rule, pyplot, save_figure, seed_stats
+from vegalm.finetune.config import UNHASHED
+from vegalm.io import write_if_changed
 
 COMBO_ORDER = (VANILLA, "adv", "selfcal", TRANSDUCTIVE, ALL)  # report order; others follow, sorted
 WORSE_TOL = 0.005  # points: below the table's 2-decimal resolution, a rounding difference is not a loss
@@ -29,8 +29,8 @@ def write_report(summary: dict, out: str | Path) -> None:
     """out/ablation.md (the printed table), out/ablation.json (every number) and out/ablation.png."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_if_changed(out / "ablation.md", render_markdown(summary))
-    _write_if_changed(out / "ablation.json", json.dumps(summary, indent=1, default=str) + "\n")
+    write_if_changed(out / "ablation.md", render_markdown(summary))
+    write_if_changed(out / "ablation.json", json.dumps(summary, indent=1, default=str) + "\n")
     plot_ablation(summary, out / "ablation.png")
 
 
@@ -62,11 +62,6 @@ def load_records(path: str | Path) -> list[dict]:
     return records
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"mean": float(statistics.fmean(values)), "median": float(statistics.median(values)),
-            "std": float(statistics.stdev(values)) if len(values) > 1 else 0.0, "n": len(values)}
-
-
 def _combo_key(name: str) -> tuple:
     return (COMBO_ORDER.index(name), "") if name in COMBO_ORDER else (len(COMBO_ORDER), name)
 
@@ -88,7 +83,7 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         cells[c].setdefault(t, {"scores": {}})["scores"][str(s)] = r["dev_score"]
     for c in combos:
         for t, cell in cells[c].items():
-            cell.update(_stats(list(cell["scores"].values())))
+            cell.update(seed_stats(list(cell["scores"].values())))
     avg = {c: (float(np.mean([cells[c][t]["mean"] for t in tasks])) if set(cells[c]) >= set(tasks) else None)
            for c in combos}
     van = cells.get(VANILLA, {})
@@ -139,8 +134,6 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         for p in per_task.values():
             p["skipped"] = sorted(p["skipped"])
     models = sorted({str(r.get("model")) for r in records})
-    from vegalm.finetune.runner import UNHASHED
-
     # settings that change results; a record from before a key joined UNHASHED (glue_dir: data are hashed
     # by content now) may still list it
     overrides = sorted({json.dumps({k: v for k, v in r.get("overrides", {}).items() if k not in UNHASHED},
@@ -248,8 +241,7 @@ def render_markdown(summary: dict) -> str:
                   + "); one config can score differently on another device, beyond seed noise.", ""]
     elif devices:
         lines += [f"Device: {next(iter(devices))}.", ""]
-    lines += ["| combo | " + " | ".join(tasks) + " | avg | Δ avg vs vanilla | wall vs vanilla | s/run |",
-              "|---|" + "---|" * (len(tasks) + 4)]
+    lines += [md_row(["combo", *tasks, "avg", "Δ avg vs vanilla", "wall vs vanilla", "s/run"]), md_rule(len(tasks) + 5)]
     for c in combos:
         row = [c]
         for t in tasks:
@@ -263,26 +255,25 @@ def render_markdown(summary: dict) -> str:
         ratio = f"×{w['vs_vanilla']:.2f}" if w["vs_vanilla"] is not None else "n/a"
         row += [_fmt(summary["avg"][c]), "—" if c == VANILLA else _fmt(summary["delta_vs_vanilla"][c], True),
                 ratio, _fmt(w["per_run_s"], nd=0)]
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append(md_row(row))
     if VANILLA in combos and len(combos) > 1:
         lines += ["", "Change vs vanilla per task (mean over the seeds both have, [n] when fewer than all; "
                   "* = below vanilla by more than vanilla's seed std on that task):", "",
-                  "| combo | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+                  md_row(["combo", *tasks]), md_rule(len(tasks) + 1)]
         for c in combos:
             if c == VANILLA:
                 continue
             td, tn = summary["task_delta_vs_vanilla"][c], summary["task_delta_seeds"][c]
             bad = summary["worse_than_vanilla_std"][c]
-            lines.append("| " + " | ".join([c] + [(_fmt(td[t], True) + ("*" if t in bad else "")
+            lines.append(md_row([c] + [(_fmt(td[t], True) + ("*" if t in bad else "")
                                                     + (f" [{tn[t]}]" if tn[t] < len(summary["seeds"]) else ""))
-                                                   if t in td else "—" for t in tasks]) + " |")
+                                                   if t in td else "—" for t in tasks]))
     calib = summary["calibration"]
     if calib:
         lines += ["", "Calibration on dev (classification tasks; mean over seeds). ECE in % (15 bins), NLL in "
                   "nats; 'after' = post-hoc temperature scaling, cross-fitted (T fitted on one half of dev, "
                   "scored on the other, then swapped): the honest number. In-sample 'after' in brackets.", "",
-                  "| combo | task | ECE before | ECE after | NLL before | NLL after | T |",
-                  "|---|---|---|---|---|---|---|"]
+                  md_row(["combo", "task", "ECE before", "ECE after", "NLL before", "NLL after", "T"]), md_rule(7)]
         for c in combos:
             for t, m in calib.get(c, {}).items():
                 ece_cf = m.get("ece_after_crossfit", m["ece_after"])
@@ -320,11 +311,7 @@ def render_markdown(summary: dict) -> str:
 
 def plot_ablation(summary: dict, path: Path) -> None:
     """Grouped bars: per task (and the average), one bar per combo = mean over seeds, error bar = std."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tasks, combos, cells = summary["tasks"], summary["combos"], summary["cells"]
     groups = tasks + ["avg"]
     width = 0.8 / len(combos)
@@ -345,11 +332,7 @@ def plot_ablation(summary: dict, path: Path) -> None:
     ax.set_title(f"Trick ablation ({', '.join(summary['model_tags'])}, {len(summary['seeds'])} seed(s))")
     ax.legend(fontsize=7, ncol=min(len(combos) + 1, 4), loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def print_report(summary: dict) -> None:

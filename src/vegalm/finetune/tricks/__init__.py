@@ -1,72 +1,58 @@
-"""Fine-tuning tricks as plug-ins: one class per trick, hyperparameters in its `Args` dataclass, each
-registered in `TRICKS` (tricks/base.py) by `@register_trick`; importing this package loads them all.
+"""Fine-tuning tricks as plug-ins: one file per trick, registered in `TRICKS` (base.py) by `@register_trick`;
+importing this package loads them all. The contract and each trick's sources and costs: docs/tricks.md.
 
-    from vegalm.config import from_dict
-    from vegalm.finetune.tricks import TRICKS, sort_tricks
-    names = sort_tricks(["adv", "selfcal", "ema"])                  # selfcal, adv, ema
-    tricks = [TRICKS[n](from_dict(TRICKS[n].Args, cfg.trick_args.get(n, {})), spec, spec.num_labels)
-              for n in names]
-
-Registry names (the CLI's `--tricks` values): adv (umbrella, `method` picks one of the four below),
-smart, freelb, r3f, sift, selfcal, ema. See docs/tricks.md for formulas, sources, defaults and costs.
+Registry names (the `--tricks` values): adv (umbrella over smart, freelb, r3f, sift), smart, freelb, r3f,
+sift, selfcal, ema, llrd, reinit.
 """
 
 from __future__ import annotations
 
-from vegalm.finetune.tricks.adversarial import (
-    METHODS,
-    R3F,
-    SIFT,
-    SMART,
-    Adversarial,
-    FreeLB,
-    smoothness,
-    symmetric_kl,
-)
+from vegalm.finetune.tricks.adv import METHODS, Adversarial
 from vegalm.finetune.tricks.base import (
-    CLEAN_WEIGHT,
-    SOFT_TARGETS,
     TRICKS,
+    LossState,
     Trick,
+    changes_eval_model,
     model_inputs,
     register_trick,
     sort_tricks,
     task_loss,
+    trick_param_groups,
     unwrap,
 )
-from vegalm.finetune.tricks.craft import (
-    EMA,
-    EMAWeights,
-    ensemble_logits,
-    find_layers,
-    layerwise_lr_groups,
-    reinit_top_layers,
-)
+from vegalm.finetune.tricks.ema import EMATrick
+from vegalm.finetune.tricks.freelb import FreeLB
+from vegalm.finetune.tricks.llrd import LLRD
+from vegalm.finetune.tricks.objective import build_objective
+from vegalm.finetune.tricks.perturb import smoothness, symmetric_kl
+from vegalm.finetune.tricks.r3f import R3F
+from vegalm.finetune.tricks.reinit import Reinit
 from vegalm.finetune.tricks.selfcal import SelfCalibration
+from vegalm.finetune.tricks.sift import SIFT
+from vegalm.finetune.tricks.smart import SMART
 
 __all__ = [
-    "CLEAN_WEIGHT",
-    "EMA",
-    "EMAWeights",
+    "LLRD",
     "METHODS",
     "R3F",
     "SIFT",
     "SMART",
-    "SOFT_TARGETS",
     "TRICKS",
     "Adversarial",
+    "EMATrick",
     "FreeLB",
+    "LossState",
+    "Reinit",
     "SelfCalibration",
     "Trick",
-    "ensemble_logits",
-    "find_layers",
-    "layerwise_lr_groups",
+    "build_objective",
+    "changes_eval_model",
     "model_inputs",
     "register_trick",
-    "reinit_top_layers",
     "smoothness",
     "sort_tricks",
     "symmetric_kl",
     "task_loss",
+    "trick_param_groups",
     "unwrap",
 ]

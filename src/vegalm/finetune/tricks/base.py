@@ -1,26 +1,8 @@
-"""The fine-tuning trick interface and the helpers every trick shares.
+"""The fine-tuning trick interface (`Trick`), its registry (`TRICKS`, `@register_trick`) and shared helpers.
 
-A trick is one class with its hyperparameters declared next to it as a dataclass (`Args`, whose
-defaults are the source paper's). The runner drives it like this:
-
-    trick = SIFT(from_dict(SIFT.Args, {"lambda_": 3.0}), TASKS["rte"], num_labels=2)
-    trick.setup(model)                                   # once, before training
-    out = model(**model_inputs(batch))                   # the clean forward
-    loss = task_loss(out.logits, batch, 2)               # the plain task loss
-    loss, logs = trick.loss(model, batch, out, loss)     # each enabled trick, in `sort_tricks` order
-    loss.backward(); optimizer.step()
-    trick.on_step_end(model, step, max_steps)
-    eval_net = trick.eval_model(model)                   # e.g. an EMA copy
-
-Composition. Tricks see the loss built so far and return a new one. A regulariser adds a term. A trick
-that changes what the *clean task term* is (selfcal's soft targets, FreeLB's swap of the clean loss for
-adversarial ones) does it through two reserved batch keys, so the others stay consistent:
-
-    batch[SOFT_TARGETS]  soft targets ([B, C] probabilities, or [B] scores for regression) that
-                         `task_loss` uses instead of batch["labels"]
-    batch[CLEAN_WEIGHT]  the weight the clean task term currently has inside the loss (absent = 1.0)
-
-Neither key is a model input: always build model inputs with `model_inputs(batch)`.
+A trick sees the loss built so far and returns a new one; what one trick tells the next (selfcal's soft
+targets, FreeLB's swap of the clean term) travels in the step's `LossState`. The call sequence, the
+composition rules and each trick's sources: docs/tricks.md.
 """
 
 from __future__ import annotations
@@ -32,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vegalm.config import ConfigError
+from vegalm.train.ema import unwrap
+
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-SOFT_TARGETS = "soft_targets"
-CLEAN_WEIGHT = "clean_task_weight"
 
 
 @dataclasses.dataclass
@@ -42,13 +25,31 @@ class NoArgs:
     """For a trick without hyperparameters."""
 
 
+@dataclasses.dataclass
+class LossState:
+    """What the tricks of one step tell each other; the objective makes a fresh one per step.
+
+    soft_targets: the clean task term's targets when a trick replaced the labels (selfcal): [B, C]
+                  probabilities, or [B] scores for regression; None = batch["labels"]
+    clean_weight: the weight the clean task term still has inside the loss (FreeLB swaps it out)
+    """
+
+    soft_targets: torch.Tensor | None = None
+    clean_weight: float = 1.0
+
+    def targets(self, batch: dict) -> torch.Tensor:
+        """The targets of the task term now: the soft targets if a trick set them, else the labels."""
+        return self.soft_targets if self.soft_targets is not None else batch["labels"]
+
+
 class Trick:
     """Base class: a no-op trick. Subclasses override what they need."""
 
     name: ClassVar[str] = ""
     Args: ClassVar[type] = NoArgs
-    # Order in which the runner should call `loss` (lower first; see `sort_tricks`): target-changing
-    # tricks before regularisers, so that regularisers see the final targets.
+    # Order of `setup` and `loss` (lower first; see `sort_tricks`): model surgery (reinit, 0) before the
+    # copies other tricks take, target-changing tricks (selfcal, 10) before the regularisers (50) that use
+    # the final targets, weight averaging (90) last.
     priority: ClassVar[int] = 50
 
     def __init__(self, args: Any = None, task_spec: Any = None, num_labels: int = 2):
@@ -58,10 +59,14 @@ class Trick:
         self.regression = self.num_labels == 1
 
     def setup(self, model: nn.Module) -> None:
-        """Called once before training (after the model is on its device)."""
+        """Called once before training, in `sort_tricks` order."""
 
-    def loss(self, model: nn.Module, batch: dict, out: Any,
-             loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict] | None:
+        """Optimizer parameter groups to train with (llrd), or None for the default ones."""
+        return None
+
+    def loss(self, model: nn.Module, batch: dict, out: Any, loss: torch.Tensor,
+             state: LossState) -> tuple[torch.Tensor, dict[str, float]]:
         """The new total loss and floats to log; `out` is the clean forward's output."""
         return loss, {}
 
@@ -69,6 +74,7 @@ class Trick:
         """Called after each optimizer step; `step` counts from 1."""
 
     def eval_model(self, model: nn.Module) -> nn.Module:
+        """The model to evaluate and predict with; a trick that changes it overrides this (ema)."""
         return model
 
     # Optional, for checkpoint resume: tricks with state (EMA weights, PS-KD's stored predictions) fill these.
@@ -82,24 +88,31 @@ class Trick:
         return f"{type(self).__name__}({self.args})"
 
 
+def changes_eval_model(trick: Trick) -> bool:
+    """Whether the trick evaluates another model than the trained one (its class overrides `eval_model`).
+
+    A wrapper trick (adv) that delegates to `trick.inner` is asked about the inner trick.
+    """
+    inner = getattr(trick, "inner", None)
+    if isinstance(inner, Trick):
+        return changes_eval_model(inner)
+    return type(trick).eval_model is not Trick.eval_model
+
+
+def trick_param_groups(tricks: list[tuple[str, Trick]], model: nn.Module, lr: float,
+                       weight_decay: float) -> list[dict] | None:
+    """The optimizer parameter groups the one trick that sets them (llrd) asks for, else None (the default)."""
+    found = [(name, g) for name, t in tricks if (g := t.param_groups(model, lr, weight_decay)) is not None]
+    if len(found) > 1:
+        raise ConfigError(f"tricks: {found[0][0]} and {found[1][0]} both set the optimizer's parameter groups")
+    return found[0][1] if found else None
+
+
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / FSDP-style `.module` wrappers and `torch.compile`'s `_orig_mod`.
-
-    Extra forwards go through the unwrapped module: DDP allows one wrapped forward per backward, and the
-    gradients of the extra forwards still land on the same parameters within the runner's one backward.
-    """
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
-    """The keys of `batch` a sequence-classification forward takes (never labels, index or trick keys)."""
+    """The keys of `batch` a sequence-classification forward takes (never labels or index)."""
     return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch and batch[k] is not None}
 
 
@@ -112,23 +125,13 @@ def logits_of(out: Any) -> torch.Tensor:
     return out[0]
 
 
-def clean_weight(batch: dict) -> float:
-    return float(batch.get(CLEAN_WEIGHT, 1.0))
-
-
-def task_loss(logits: torch.Tensor, batch: dict, num_labels: int, targets: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean task loss in fp32: cross-entropy (soft targets if present) or MSE for regression (num_labels 1).
-
-    `targets` overrides both batch["labels"] and batch[SOFT_TARGETS].
-    """
-    if targets is None:
-        targets = batch.get(SOFT_TARGETS)
-    if targets is None:
-        targets = batch["labels"]
+def task_loss(logits: torch.Tensor, targets: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Mean task loss in fp32: MSE for regression (num_labels 1), else cross-entropy on class ids [B] or
+    soft targets [B, C] (-sum q log p)."""
     x = logits.float()
     if num_labels == 1:
         return F.mse_loss(x.reshape(-1), targets.float().reshape(-1))
-    if targets.dim() == 2:  # soft targets: -sum q log p
+    if targets.dim() == 2:
         return -(targets.float() * F.log_softmax(x, dim=-1)).sum(-1).mean()
     return F.cross_entropy(x, targets.long())
 
@@ -150,10 +153,17 @@ def register_trick(cls: type[Trick]) -> type[Trick]:
 
 
 def sort_tricks(tricks: list) -> list:
-    """Tricks (instances, classes or registry names) in the order their `loss` should run; stable."""
+    """Tricks in the order their `setup` and `loss` run (stable): registry names, classes, instances, or
+    (name, instance) pairs, returned in the form given."""
 
     def prio(t: Any) -> int:
+        if isinstance(t, tuple):
+            t = t[1]
         cls = TRICKS[t] if isinstance(t, str) else (t if isinstance(t, type) else type(t))
         return getattr(cls, "priority", 50)
 
     return sorted(tricks, key=prio)
+
+
+__all__ = ["LossState", "NoArgs", "TRICKS", "Trick", "changes_eval_model", "logits_of", "model_inputs",
+           "register_trick", "sort_tricks", "task_loss", "trick_param_groups", "unwrap"]

@@ -1,35 +1,16 @@
-"""Self-calibrated fine-tuning: train on soft targets mixed from the gold label and the model's own past view.
+"""`--tricks selfcal`: train on soft targets mixed from the gold label and the model's own earlier view.
 
-    trick = SelfCalibration(SelfCalibration.Args(), TASKS["rte"], num_labels=2)    # PS-KD, alpha_T 0.3
-    loss, logs = trick.loss(model, batch, out, loss)   # clean CE -> CE against (1-a_t) onehot + a_t p_prev
-    trick.on_step_end(model, step, max_steps)          # a_t = alpha_T * step / max_steps
-
-Default, mode "pskd": progressive self-knowledge distillation (Kim et al. 2021, "Self-Knowledge
-Distillation with Progressive Refinement of Targets", ICCV, arXiv:2006.12000). The target of training
-example i at progress t is
-
-    q_i = (1 - a_t) onehot(y_i) + a_t p_prev(i),     a_t = alpha_T * t / T,
-
-where p_prev(i) is the softmax the model gave example i the previous time it was trained on (one epoch
-ago with a shuffled epoch sampler): the model is its own teacher, one epoch behind. PS-KD moves alpha
-per epoch; we move it per optimizer step, a smooth version of the same linear schedule. An example seen
-for the first time keeps its one-hot target. Cost: no extra forward; memory N x C floats (QQP: 364k x 2).
-Examples are identified by batch["index"], which must be unique within the training set.
-
-Mode "ema": the teacher is an EMA of the weights (decay `ema_decay`), q = (1 - a_t) onehot + a_t
-softmax(f_ema(x)). One extra no-grad forward per step and a weight copy; no index needed.
-
-Regression (STS-B, num_labels 1), `regression="soft"`: the same mix on the score,
-y~ = (1 - a_t) y + a_t y_prev, with MSE: the model is pulled towards its own earlier, smoother estimate.
-`regression="off"` makes the trick a no-op on regression tasks.
-
-Only batch["labels"] is read, i.e. the training labels (gold, or pseudo-labels from transductive.py);
-dev and test labels never reach this code.
+Paper: Kim et al. 2021, "Self-Knowledge Distillation with Progressive Refinement of Targets" (PS-KD), ICCV,
+arXiv:2006.12000. Official code: github.com/lgcnsai/PS-KD-Pytorch. The target of example i at progress t is
+q_i = (1 - a_t) onehot(y_i) + a_t p_prev(i), a_t = alpha_T t / T, p_prev(i) its softmax the previous time
+it was trained on (PS-KD moves alpha per epoch; we move it per step). Defaults: mode pskd, alpha_T 0.3
+(not PS-KD's 0.8: docs/tricks.md, "What the tricks buy"). Mode "ema" (an EMA-weight teacher) and
+regression (STS-B): docs/tricks.md. Only batch["labels"] (the training labels) is read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,27 +19,19 @@ from torch import nn
 
 from vegalm.config import ConfigError
 from vegalm.errors import VegaError
-from vegalm.finetune.tricks.base import (
-    SOFT_TARGETS,
-    Trick,
-    clean_weight,
-    logits_of,
-    model_inputs,
-    register_trick,
-    task_loss,
-)
-from vegalm.finetune.tricks.craft import EMAWeights
+from vegalm.finetune.tricks.base import Trick, logits_of, model_inputs, register_trick, task_loss
+from vegalm.train.ema import EMA
 
 
 @dataclass
 class SelfCalArgs:
-    mode: str = "pskd"  # "pskd" (past predictions, free) or "ema" (EMA-weight teacher, +1 forward)
-    # final teacher weight. PS-KD uses 0.8 (long image/MT training); on MiniLM-L6 CoLA (seed 0, dev) 0.8
-    # cost 4.1 MCC alone and collapsed to the majority class with adv (12.6 vs 32.0), 0.3 gave +0.8:
-    # docs/tricks.md, "What the tricks buy"
-    alpha_T: float = 0.3
-    ema_decay: float = 0.999  # mode "ema": teacher momentum (window ~1000 updates)
-    regression: str = "soft"  # STS-B: "soft" (mix the score) or "off" (no-op)
+    mode: str = field(default="pskd", metadata={"help": "pskd (past predictions, free) or ema (EMA-weight "
+                                                        "teacher, +1 forward)"})
+    # PS-KD uses 0.8 (long image/MT training); on MiniLM-L6 CoLA (seed 0, dev) 0.8 cost 4.1 MCC alone and
+    # collapsed to the majority class with adv (12.6 vs 32.0), 0.3 gave +0.8 (docs/tricks.md)
+    alpha_T: float = field(default=0.3, metadata={"help": "final teacher weight a_T"})
+    ema_decay: float = field(default=0.999, metadata={"help": "mode ema: teacher momentum (window ~1000 updates)"})
+    regression: str = field(default="soft", metadata={"help": "STS-B: soft (mix the score) or off (no-op)"})
 
     def __post_init__(self) -> None:
         if self.mode not in ("pskd", "ema"):
@@ -82,7 +55,7 @@ class SelfCalibration(Trick):
         self.progress = 0.0  # t / T, set by on_step_end
         self.store: torch.Tensor | None = None  # [N, C] past predictions (pskd)
         self.seen: torch.Tensor | None = None  # [N] bool
-        self.teacher: EMAWeights | None = None
+        self.teacher: EMA | None = None
 
     @property
     def alpha(self) -> float:
@@ -90,7 +63,7 @@ class SelfCalibration(Trick):
 
     def setup(self, model: nn.Module) -> None:
         if self.args.mode == "ema" and self.teacher is None:
-            self.teacher = EMAWeights(model, self.args.ema_decay, warmup=True)
+            self.teacher = EMA(model, self.args.ema_decay, warmup=True, copy=True)
 
     # ---- PS-KD memory
     def _ensure(self, n: int, width: int, device: torch.device) -> None:
@@ -119,7 +92,7 @@ class SelfCalibration(Trick):
         self.seen[idx] = True
         return prev, seen
 
-    def loss(self, model, batch, out, loss):
+    def loss(self, model, batch, out, loss, state):
         if self.regression and self.args.regression == "off":
             return loss, {}
         logits = logits_of(out)
@@ -131,7 +104,7 @@ class SelfCalibration(Trick):
             if self.teacher is None:
                 self.setup(model)
             with torch.no_grad():
-                t = logits_of(self.teacher.module(**model_inputs(batch))).float()
+                t = logits_of(self.teacher.averaged(model)(**model_inputs(batch))).float()
             prev = t.reshape(-1, 1) if self.regression else F.softmax(t, dim=-1)
             seen = torch.ones(prev.shape[0], dtype=torch.bool, device=prev.device)
         a = self.alpha * seen.to(prev.dtype).unsqueeze(-1)  # [B, 1]; 0 for first-seen examples
@@ -140,10 +113,10 @@ class SelfCalibration(Trick):
             target = ((1 - a) * labels.float().reshape(-1, 1) + a * prev).reshape(-1)
         else:
             target = (1 - a) * F.one_hot(labels.long(), self.num_labels).float() + a * prev
-        w = clean_weight(batch)
-        old = task_loss(logits, batch, self.num_labels)
-        new = task_loss(logits, batch, self.num_labels, targets=target)
-        batch[SOFT_TARGETS] = target
+        w = state.clean_weight
+        old = task_loss(logits, state.targets(batch), self.num_labels)
+        new = task_loss(logits, target, self.num_labels)
+        state.soft_targets = target
         return loss + w * (new - old), {"selfcal/alpha": self.alpha, "selfcal/loss": float(new.detach())}
 
     def on_step_end(self, model, step, max_steps):

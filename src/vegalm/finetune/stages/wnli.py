@@ -1,46 +1,8 @@
-"""WNLI treatment: Winograd candidate competition over the hypotheses of one premise.
+"""WNLI treatment: Winograd candidate competition over the hypotheses of one premise (`wnli_treatment`).
 
-    vegalm finetune --task wnli --model minilm-l6 --out runs/ft/wnli wnli_treatment=groups+train
-    vegalm glue --model PATH --tasks rte,wnli --seeds 3 --out runs/glue wnli_treatment=groups+train
-    python -m vegalm.experiments.wnli --model minilm-l6 --seeds 3 --out runs/wnli --results results/wnli
-
-    from vegalm.finetune.wnli import GroupPrior, rank_predictions
-    prior = GroupPrior.from_train(load_split("wnli", "train", glue_dir))
-    preds = rank_predictions(dev_logits, dev_examples, prior, train=train_examples)
-
-What WNLI is. Each premise is a Winograd schema sentence with an ambiguous pronoun; each hypothesis
-copies (part of) the sentence with the pronoun replaced by ONE candidate referent; the label says
-whether that candidate is the right one. Classifying every pair on its own, as GLUE fine-tuning does,
-ignores that the hypotheses of one premise COMPETE: a pronoun has one referent, so of the two
-hypotheses that substitute the two candidates, one is true. Counted on the real files: 242 of the 243
-train premises with two hypotheses have exactly one entailed; premises with 3 / 4 hypotheses (two
-pronouns or partial copies) have 1 / 2 entailed in 9 of 10 / 8 of 8 cases. The majority class
-(not_entailment) is the floor: 56.3% of dev, 65.1% of test; plain fine-tuning of a small encoder lands on
-or below it, because nothing in a single pair tells the candidates apart.
-
-The treatment (`wnli_treatment`, a FinetuneConfig key; the logits saved by a run stay the model's own):
-  none          argmax per pair (plain GLUE fine-tuning).
-  groups        WSC-style candidate scoring inside the evaluated split: hypotheses with the same premise
-                (whitespace-normalised) form a group of n; the k(n) with the highest model probability of
-                entailment are predicted entailed, the others not. k(n) is read off the train split
-                (`GroupPrior`: the median number of entailed hypotheses among train groups of size n;
-                sizes never seen: round(n x the entailed share of train groups with n >= 2)). A premise
-                with a single hypothesis has no competitor and keeps the model's argmax.
-  groups+train  the same, but a group also holds the premise's TRAIN hypotheses, whose gold labels are
-                known: they fill the k(n) slots first, the model ranks the rest. Test labels are never
-                read (GLUE has none); train labels are the training data.
-  majority      every row gets the train split's majority class (not_entailment): the floor itself, the
-                safe leaderboard submission for a model that cannot rank candidates.
-
-Read the numbers with care (docs/tricks.md, "WNLI"): 61 of the 64 dev premises also occur in train
-(the dev set is built adversarially from the same schemas), but only 3 of the 45 test premises do. So
-`groups+train` is strong on dev through train labels that test rows mostly cannot use, while on test every
-premise has 2-9 hypotheses and `groups` does the work with the model's own ranking. The dev number of
-`groups+train` is therefore NOT an estimate of its test accuracy; `results.json` reports, beside the
-treated dev accuracy, the plain argmax one, the majority floor and how many dev rows were decided by train
-labels, so the two can be told apart.
-
-A test-like estimate, premise-disjoint 2-fold on train, is vegalm/experiments/wnli.py.
+The hypotheses of one premise compete (a pronoun has one referent), so the k(n) most likely entailed of a
+group of n are predicted entailed; k(n) is read off train. A prediction rule on a run's logits, used by
+predict.py; the saved logits stay the model's own. docs/glue.md ("WNLI") has the treatments and the numbers.
 """
 
 from __future__ import annotations

@@ -1,36 +1,11 @@
-"""Sweep GLUE tasks x seeds with `run_finetune`, aggregate, pick/ensemble, and write a submission.
-
-    vegalm glue --model runs/pt/discriminator --tasks cola,sst2,mrpc,stsb,rte,wnli --seeds 3 --out runs/glue
-    vegalm glue --model minilm-l6 --tasks rte,mrpc --seeds 5 --out runs/glue-mini --ensemble lr=5e-5
-
-    from vegalm.finetune.glue_runner import run_glue
-    res = run_glue("minilm-l6", ["rte", "stsb"], seeds=3, out="runs/glue", ensemble=True, lr=5e-5)
-    res["glue"]["median"]["score"]
-
-Each (task, seed) runs in out/<task>/seed<k>/ and is skipped when its results.json matches the config
-(runner.py's cache), so a sweep that stops can be started again with the same command and continues.
-`seeds=3` means seeds 0, 1, 2; a list gives the seeds themselves. Keyword overrides are FinetuneConfig
-fields applied to every run (`save_model` defaults to False here: a sweep keeps predictions, not weights).
-
-Per task it reports the median and mean +- sample std (ddof=1) of the dev task score over seeds, the
-best seed on dev, and with `ensemble=True` the dev score of the mean of the seeds' logits (STS-B: mean
-score). Test predictions for the submission come from the ensemble when `ensemble=True`, else from the
-best dev seed. Picking the best seed on dev makes its dev score optimistic; the median is the number to
-quote. The GLUE score follows `vegalm.finetune.metrics.glue_score`: unweighted mean of task scores, a
-two-metric task counts as the mean of its two, MNLI counts once as the mean of m and mm, AX excluded;
-with fewer than the nine tasks it is a partial average over the tasks run (said so in the report).
-
-Outputs: out/results.json, out/results.md (table + GLUE score + the averaging rule), out/results.png (bar
-chart), out/submission.zip (11 files; tasks not run get the placeholders of `write_submission`).
+"""The GLUE sweep (`vegalm glue`): tasks x seeds with `run_finetune`, statistics over seeds, seed ensembles,
+the report and the leaderboard zip. docs/glue.md is the manual.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import os
-import statistics
 import time
 import warnings
 from pathlib import Path
@@ -41,9 +16,15 @@ import numpy as np
 from vegalm.config import ConfigError, from_dict
 from vegalm.data.glue import TASKS, get_task, load_split, resolve_glue_dir, split_path
 from vegalm.errors import VegaError
+from vegalm.experiments.report import SPREAD_KEYS, md_row, md_rule, pyplot, save_figure, seed_stats
+from vegalm.experiments.submission import write_submission
+from vegalm.finetune.config import FinetuneConfig, flat_settings
+from vegalm.finetune.ensemble import ensemble_logits
 from vegalm.finetune.metrics import TASK_METRICS, compute_metrics, glue_summary, task_score
-from vegalm.finetune.runner import FinetuneConfig, class_predictions, run_finetune
-from vegalm.finetune.submission import write_submission
+from vegalm.finetune.predict import class_predictions
+from vegalm.finetune.run import run_finetune
+from vegalm.finetune.stages.self_training import read_test_index
+from vegalm.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -92,24 +73,6 @@ def parse_seeds(seeds: int | str | list[int]) -> list[int]:
     return out
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    return {
-        "median": float(statistics.median(values)),
-        "mean": float(statistics.fmean(values)),
-        "std": float(statistics.stdev(values)) if len(values) > 1 else 0.0,
-        "min": float(min(values)),
-        "max": float(max(values)),
-        "n": len(values),
-    }
-
-
-def _read_split_index(path: Path) -> list[tuple[str, int]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t")
-        next(reader)
-        return [(row[0], int(row[1])) for row in reader]
-
-
 def _split_scores(task: str, res: dict) -> dict[str, float]:
     """{"mnli_m": ..., "mnli_mm": ...} for MNLI, {task: score} otherwise (one run)."""
     keys = res["dev_metric_keys"]
@@ -124,7 +87,7 @@ def _ensemble(task: str, runs: dict[int, dict], glue_dir: str) -> dict[str, Any]
     if len({a.shape for a in arrays}) != 1:
         raise VegaError(f"{task}: the seeds' dev_logits.npy differ in shape ({sorted({a.shape for a in arrays})}); "
                         "were the runs made with different data?")
-    dev = np.mean(arrays, axis=0)
+    dev = ensemble_logits(arrays)
     metrics, scores = {}, {}
     for split, (a, b) in first["dev_rows"].items():
         examples = load_split(task, split, glue_dir)
@@ -135,7 +98,7 @@ def _ensemble(task: str, runs: dict[int, dict], glue_dir: str) -> dict[str, Any]
         scores[key] = task_score(key, metrics[split])
     test = None
     if first.get("test_rows"):
-        test = np.mean([np.load(Path(r["out"]) / "test_logits.npy") for r in runs.values()], axis=0)
+        test = ensemble_logits([np.load(Path(r["out"]) / "test_logits.npy") for r in runs.values()])
     return {"dev": metrics, "split_scores": scores, "dev_score": float(np.mean(list(scores.values()))),
             "test_logits": test}
 
@@ -144,7 +107,7 @@ def _submission_preds(task: str, run_out: Path, test_rows: dict, logits: np.ndar
                       glue_dir: str) -> dict[str, tuple]:
     """{stem: (indices, predictions)} for write_submission from a run's test rows and (maybe averaged) logits;
     WNLI predictions follow the run's `wnli_treatment`."""
-    index = _read_split_index(run_out / "test_predictions.tsv")
+    index = read_test_index(run_out / "test_predictions.tsv")
     out = {}
     for split, (a, b) in test_rows.items():
         spec = TASKS["ax"] if split == "ax" else TASKS[task]
@@ -171,6 +134,7 @@ def run_glue(
 
     t0 = time.perf_counter()
     task_list, seed_list = parse_tasks(tasks), parse_seeds(seeds)
+    overrides = flat_settings(overrides)  # train.seed= is seed=: refused alike
     taken = [k for k in SET_BY_SWEEP if k in overrides]
     if taken:
         raise ConfigError(f"{taken[0]}: set by the sweep (use the model/tasks/seeds/out arguments)")
@@ -192,7 +156,8 @@ def run_glue(
 
     out = Path(out)
     runs: dict[str, dict[int, dict]] = {t: {} for t in task_list}
-    bar = tqdm(total=len(task_list) * len(seed_list), desc="glue runs", unit="run", disable=not probe.progress)
+    bar = tqdm(total=len(task_list) * len(seed_list), desc="glue runs", unit="run",
+               disable=not probe.train.progress)
     try:
         for task in task_list:
             for seed in seed_list:
@@ -217,8 +182,9 @@ def run_glue(
         entry: dict[str, Any] = {
             "metrics": list(TASK_METRICS[task]),
             "scores": {str(s): v for s, v in scores.items()},
-            **_stats(list(scores.values())),
-            "split_stats": {k: _stats([_split_scores(task, r)[k] for r in by_seed.values()]) for k in split_keys},
+            **seed_stats(list(scores.values()), SPREAD_KEYS),
+            "split_stats": {k: seed_stats([_split_scores(task, r)[k] for r in by_seed.values()], SPREAD_KEYS)
+                            for k in split_keys},
             "best_seed": best,
             "best_score": scores[best],
             "best_split_scores": _split_scores(task, by_seed[best]),
@@ -265,20 +231,14 @@ def run_glue(
         "submission": {"path": str(out / "submission.zip"), "manifest": manifest, "placeholders": placeholders},
         "wall_s": round(time.perf_counter() - t0, 2),
     }
-    _atomic_text(out / "results.json", json.dumps(result, indent=2, default=str) + "\n")
-    _atomic_text(out / "results.md", render_markdown(result))
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=str) + "\n")
+    atomic_write_text(out / "results.md", render_markdown(result))
     plot_results(result, out / "results.png")
     return result
 
 
 def _run_summary(res: dict) -> dict:
     return {k: res[k] for k in ("dev_score", "dev", "out", "cached")} | {"wall_s": res["timing"]["wall_s"]}
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def render_markdown(result: dict) -> str:
@@ -291,19 +251,19 @@ def render_markdown(result: dict) -> str:
         f"Seeds: {', '.join(map(str, seeds))}. Overrides: "
         + (", ".join(f"{k}={v}" for k, v in result["overrides"].items()) or "none") + ".",
         "",
-        "| task | metric | median | mean ± std | best (seed) |" + (" ensemble |" if ens else "") + " test from |",
-        "|---|---|---|---|---|" + ("---|" if ens else "") + "---|",
+        md_row(["task", "metric", "median", "mean ± std", "best (seed)", *(["ensemble"] if ens else []), "test from"]),
+        md_rule(6 + ens),
     ]
     for task, e in result["per_task"].items():
         cells = [task, "/".join(e["metrics"]), f"{e['median']:.2f}", f"{e['mean']:.2f} ± {e['std']:.2f}",
                  f"{e['best_score']:.2f} ({e['best_seed']})"]
         cells += [f"{e['ensemble']['dev_score']:.2f}"] if ens else []
-        lines.append("| " + " | ".join(cells + [e.get("test_from", "not predicted")]) + " |")
+        lines.append(md_row(cells + [e.get("test_from", "not predicted")]))
         if len(e["split_stats"]) > 1:  # MNLI: m and mm
             for k, st in e["split_stats"].items():
                 sub = [f"&nbsp;&nbsp;{k}", "accuracy", f"{st['median']:.2f}",
                        f"{st['mean']:.2f} ± {st['std']:.2f}", ""]
-                lines.append("| " + " | ".join(sub + ([""] if ens else []) + [""]) + " |")
+                lines.append(md_row(sub + ([""] if ens else []) + [""]))
     lines.append("")
     for name, g in result["glue"].items():
         note = f" ({g['note']})" if g["note"] else ""
@@ -322,11 +282,7 @@ def render_markdown(result: dict) -> str:
 
 def plot_results(result: dict, path: Path) -> None:
     """Bar chart of the per-task median dev score, error bars = std over seeds, dots = seeds, x = ensemble."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tasks = list(result["per_task"])
     e = result["per_task"]
     fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 2.5, 3.6))
@@ -345,7 +301,4 @@ def plot_results(result: dict, path: Path) -> None:
     ax.set_title(f"GLUE dev (median): {g['score']:.2f} over {len(g['task_scores'])} task(s)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

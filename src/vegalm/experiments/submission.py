@@ -1,34 +1,12 @@
-"""Write the zip that gluebenchmark.com accepts: 11 TSV files, each `index<TAB>prediction`.
+"""The zip that gluebenchmark.com accepts: 11 TSV files of `index<TAB>prediction`, placeholders for tasks not run.
 
-    from vegalm.finetune.submission import write_submission
-    manifest = write_submission(
-        {"RTE": (indices, label_ids), "STS-B": (indices, scores)}, "runs/x/glue_submission.zip", glue_dir
-    )
-    # {"CoLA.tsv": "placeholder:majority", ..., "RTE.tsv": "model", ...}
-
-Files and labels: CoLA SST-2 MRPC QQP WNLI write "0"/"1"; RTE QNLI write entailment/not_entailment;
-MNLI-m MNLI-mm AX write entailment/neutral/contradiction; STS-B writes the score clipped to [0, 5] with
-3 decimals. Label ids are positions in `vegalm.data.glue.TASKS[task].labels` (label strings are accepted).
-
-Placeholder policy. The server rejects a zip that lacks any of the 11 files, so every task not given in
-`preds` gets a constant placeholder, announced with a `warnings.warn` naming the file:
-  * if the task's test file exists under `glue_dir`, its real indices are used
-    (manifest "placeholder:majority"); the prediction is the majority class of the task's train file
-    (ties -> the lowest label id; AX uses MNLI's train), or, with no train file, the first label;
-    STS-B predicts the train mean score, or 2.5 with no train file;
-  * with no test file, indices are 0..N-1 for the canonical test size N (manifest
-    "placeholder:canonical-size"), with the same constant prediction.
-A model's file must match the test split: the test file's index set when it exists, else (with
-`check_sizes`) the canonical row count. The zip is written to a temporary file and moved into place.
-`glue_dir=None` means the default GLUE dir (see `vegalm.data.glue.default_glue_dir`).
+docs/glue.md ("The submission zip") has the label formats and the placeholder policy.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 import warnings
 import zipfile
 from collections import Counter
@@ -38,6 +16,7 @@ from typing import Any
 
 from vegalm.data.glue import TASKS, TaskSpec, load_split, resolve_glue_dir, split_path
 from vegalm.errors import VegaError
+from vegalm.io import atomic_write_bytes
 
 # Leaderboard file stems, in the order the leaderboard lists them.
 SUBMISSION_STEMS = ("CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI-m", "MNLI-mm", "QNLI", "RTE", "WNLI", "AX")
@@ -169,16 +148,11 @@ def write_submission(
 
     out = Path(out_zip)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as zf:
-            for fname, text in texts.items():
-                zf.writestr(fname, text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for fname, text in texts.items():
+            zf.writestr(fname, text)
+    atomic_write_bytes(out, buf.getvalue())
     return manifest
 
 
