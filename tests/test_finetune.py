@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from vegalm.config import ConfigError
 from vegalm.data.glue import TASKS, load_split
 from vegalm.data.tokenizer import load_tokenizer
-from vegalm.finetune.config import FinetuneConfig, resolve
+from vegalm.finetune.config import FinetuneConfig, config_hash, resolve
 from vegalm.finetune.models import minilm_path, reinit_top_layers
 from vegalm.finetune.run import run_finetune
 from vegalm.finetune.tasks import Collator, encode_examples
@@ -42,14 +42,17 @@ def _copy_tokenizer(dst: Path) -> None:
         shutil.copy(minilm_path() / name, dst / name)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A bare encoder folder, as pretraining exports it, plus a tokenizer."""
-    path = tmp_path_factory.mktemp("tiny")
+def save_tiny_encoder(path: Path, config: dict) -> Path:
+    """A bare encoder folder (seed 0), as pretraining exports it, with the MiniLM tokenizer beside it."""
     torch.manual_seed(0)
-    VegaModel(EncoderConfig(**TINY)).save_pretrained(path)
+    VegaModel(EncoderConfig(**config)).save_pretrained(path)
     _copy_tokenizer(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_encoder(tmp_path_factory.mktemp("tiny"), TINY)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +140,6 @@ def test_cache_key_follows_content_not_paths(tiny_dir, tmp_path):
     give the same key; one changed byte in the weights, the tokenizer or a data file gives a new key."""
     from safetensors.torch import load_file, save_file
 
-    from vegalm.finetune.config import config_hash
 
     def key(model: Path, glue: Path, **kw) -> str:
         return config_hash(resolve(FinetuneConfig.of(task="rte", model=str(model), out="o", glue_dir=str(glue), **kw)))
@@ -211,10 +213,8 @@ def test_interrupted_run_continues_from_its_checkpoint(tiny_dir, tmp_path, monke
 def test_sorted_micro_batches_train_like_one_batch(tmp_path):
     """grad_accum=4 (length-sorted micro-batches, the CPU fast path) against its eager twin grad_accum=1:
     the same examples per step, so without dropout the same weights after 3 steps, with less padding."""
-    torch.manual_seed(0)
-    model_dir = tmp_path / "nodrop"
-    VegaModel(EncoderConfig(**TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(model_dir)
-    _copy_tokenizer(model_dir)
+    model_dir = save_tiny_encoder(tmp_path / "nodrop", {**TINY, "hidden_dropout_prob": 0.0,
+                                                        "attention_probs_dropout_prob": 0.0})
     weights = {}
     for k in (1, 4):
         out = tmp_path / f"accum{k}"
@@ -307,6 +307,16 @@ class _ProbeTrick(Trick):
     def eval_model(self, model):
         self.calls.append(("eval_model",))
         return model
+
+
+def test_a_trick_revision_enters_the_cache_key_only_when_bumped(tiny_dir, monkeypatch):
+    base = dict(task="rte", model=str(tiny_dir), out="o", tricks=["r3f"])
+    monkeypatch.setattr(TRICKS["r3f"], "revision", 1)
+    first = resolve(FinetuneConfig.of(**base))
+    assert "trick_revisions" not in first  # revision 1: keys of runs cached before revisions existed stay valid
+    monkeypatch.setattr(TRICKS["r3f"], "revision", 2)
+    bumped = resolve(FinetuneConfig.of(**base))
+    assert bumped["trick_revisions"] == {"r3f": 2} and config_hash(bumped) != config_hash(first)
 
 
 class _QuietTrick(Trick):

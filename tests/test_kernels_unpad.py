@@ -21,13 +21,14 @@ def _rte_pairs(n: int = 6) -> list[tuple[str, str]]:
     return [(r[1], r[2]) for r in rows]
 
 
-def _compare(padded, unpadded, batch, labels, atol=2e-5):
+def assert_same_pass(padded, unpadded, step, atol=2e-5):
+    """`step(model) -> (logits, loss)` on both models: logits, loss and every parameter's gradient agree."""
     outs = []
     for m in (padded, unpadded):
         m.zero_grad(set_to_none=True)
-        out = m(**batch, labels=labels)
-        out.loss.backward()
-        outs.append((out.logits.detach(), out.loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
+        logits, loss = step(m)
+        loss.backward()
+        outs.append((logits.detach(), loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
     (la, lossa, ga), (lb, lossb, gb) = outs
     torch.testing.assert_close(lb, la, atol=atol, rtol=1e-4)
     torch.testing.assert_close(lossb, lossa, atol=atol, rtol=1e-4)
@@ -37,6 +38,14 @@ def _compare(padded, unpadded, batch, labels, atol=2e-5):
             assert gb[name] is None, name
             continue
         torch.testing.assert_close(gb[name], ga[name], atol=atol, rtol=1e-3, msg=name)
+
+
+def _compare(padded, unpadded, batch, labels, atol=2e-5):
+    def step(m):
+        out = m(**batch, labels=labels)
+        return out.logits, out.loss
+
+    assert_same_pass(padded, unpadded, step, atol)
 
 
 def test_packing_round_trip_and_gradient():
@@ -111,19 +120,49 @@ def test_minilm_unpadded_bf16_autocast_close():
     assert (la - ref).abs().max() < 0.1 and (lb - ref).abs().max() < 0.1
 
 
-def test_roberta_tiny_unpadded_matches_padded():
-    from transformers import RobertaConfig, RobertaForSequenceClassification
+def _tiny_hf(family: str, num_labels: int = 2):
+    import transformers
 
+    cfg_cls, model_cls = {"roberta": ("RobertaConfig", "RobertaForSequenceClassification"),
+                          "electra": ("ElectraConfig", "ElectraForSequenceClassification"),
+                          "albert": ("AlbertConfig", "AlbertForSequenceClassification"),
+                          "bert": ("BertConfig", "BertForSequenceClassification")}[family]
     torch.manual_seed(0)
-    cfg = RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                        max_position_embeddings=40, num_labels=1)
-    padded = RobertaForSequenceClassification(cfg).train()
+    cfg = getattr(transformers, cfg_cls)(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                         max_position_embeddings=40, num_labels=num_labels, pad_token_id=1,
+                                         classifier_dropout_prob=0.0, classifier_dropout=0.0)  # ALBERT, ELECTRA heads
+    return getattr(transformers, model_cls)(cfg).train()
+
+
+@pytest.mark.parametrize("family", ["roberta", "electra", "albert"])
+def test_tiny_hf_families_unpadded_match_padded(family):
+    padded = _tiny_hf(family, num_labels=1)
     unpadded = copy.deepcopy(padded)
     assert enable_unpadding(unpadded)
     mask = (torch.arange(12)[None] < torch.tensor([12, 3, 7])[:, None]).long()
-    ids = torch.where(mask.bool(), torch.randint(3, 100, (3, 12)), cfg.pad_token_id)
+    ids = torch.where(mask.bool(), torch.randint(3, 100, (3, 12)), 1)  # 1: the pad id
     _compare(padded, unpadded, {"input_ids": ids, "attention_mask": mask}, torch.tensor([0.5, -1.0, 2.0]))
+
+
+def test_a_deepcopy_of_an_unpadded_hf_model_runs_its_own_weights():
+    """EMA and SMART teachers are deep copies: theirs must run their own (here: halved) encoder weights,
+    unpadded, and leave the original's packing state alone."""
+    model = _tiny_hf("bert").eval()
+    reference = copy.deepcopy(model)  # padded
+    assert enable_unpadding(model)
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in (teacher, reference):
+            for p in m.bert.encoder.parameters():
+                p.mul_(0.5)
+    mask = (torch.arange(9)[None] < torch.tensor([9, 4])[:, None]).long()
+    batch = {"input_ids": torch.where(mask.bool(), torch.randint(3, 100, (2, 9)), 0), "attention_mask": mask}
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(**batch).logits, reference(**batch).logits, atol=1e-5, rtol=1e-4)
+        assert (teacher(**batch).logits - model(**batch).logits).abs().max() > 1e-3  # the halving shows
+        assert teacher.bert(**batch).last_hidden_state[~mask.bool()].abs().max() == 0  # the packed path ran
+    assert model.bert.encoder._vegalm_mask is None and teacher.bert.encoder._vegalm_mask is None
 
 
 def test_unsupported_model_is_left_alone():

@@ -82,12 +82,13 @@ def grads(model) -> torch.Tensor:
 
 
 def test_registry_names_and_args():
-    assert set(TRICKS) == {"adv", "smart", "freelb", "r3f", "sift", "selfcal", "ema", "llrd", "reinit"}
+    assert set(TRICKS) == {"adv", "smart", "freelb", "r3f", "sift", "rdrop", "selfcal", "ema",
+                           "llrd", "reinit"}
     for name, cls in TRICKS.items():
         assert cls.name == name
-        from_dict(cls.Args, {})  # the paper defaults are valid
+        from_dict(cls.Args, {})  # the defaults are valid
     assert from_dict(TRICKS["adv"].Args, {}).method == "sift"
-    assert from_dict(TRICKS["smart"].Args, {}).eps == 1e-5
+    assert from_dict(TRICKS["smart"].Args, {}).eps == 1.0  # mt-dnn's unit normalisation
     with pytest.raises(ConfigError, match="eps"):
         from_dict(TRICKS["smart"].Args, {"eps": -1.0})
     with pytest.raises(ConfigError, match="unknown key"):
@@ -149,14 +150,13 @@ def _per_example(x, norm):
 
 
 BOUND_CASES = [  # (trick, args, norm, bound, tight: the bound is reached (projection active))
-    ("smart", {}, "linf", 1e-5, True),
-    ("smart", {"norm": "l2", "eps": 1e-3}, "l2", 1e-3, True),
+    ("smart", {}, "linf", 1.0, True),  # every real token's l_inf norm is eps (test_smart_per_token_norm)
     ("freelb", {}, "l2", 0.1 + 1 * 0.1, False),  # no projection: init_mag + (K-1) adv_lr
     ("freelb", {"adv_max_norm": 0.05, "adv_steps": 3}, "l2", 0.05, True),
     ("freelb", {"norm_type": "linf", "adv_max_norm": 0.02, "adv_init_mag": 0.01}, "linf", 0.02, True),
-    ("r3f", {}, "linf", 1e-5, False),
-    ("sift", {}, "linf", 2e-2 + 1e-4, False),
-    ("sift", {"steps": 3}, "linf", 2e-2 + 3e-4, False),
+    ("r3f", {}, "linf", 0.1, False),
+    ("sift", {}, "linf", 2e-2 + 0.15, False),
+    ("sift", {"steps": 3, "vat_learning_rate": 1e-4}, "linf", 2e-2 + 3e-4, False),
     ("adv", {"method": "smart", "params": {"eps": 1e-4}}, "linf", 1e-4, True),
 ]
 
@@ -183,6 +183,20 @@ def test_perturbation_respects_norm_bound(kind, case):
     assert torch.isfinite(total)
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_smart_per_token_norm(norm):
+    """mt-dnn's normalisation: each real token's perturbation has norm exactly eps, padding none."""
+    model, batch = make_model("bert"), make_batch()
+    trick = build("smart", norm=norm, eps=0.3, mu=0)
+    out, loss = clean_step(model, batch, 2)
+    trick.loss(model, batch, out, loss, LossState())
+    d = trick.last_delta
+    n = d.norm(dim=-1) if norm == "l2" else d.abs().amax(dim=-1)
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(n[real], torch.full_like(n[real], 0.3), rtol=1e-5)
+    assert n[~real].max() == 0
+
+
 def test_r3f_normal_noise_scale():
     model = make_model("vega")
     batch = make_batch(b=8, length=16)
@@ -195,14 +209,9 @@ def test_r3f_normal_noise_scale():
 
 # ------------------------------------------------------------------------------------------ losses change gradients
 
-EFFECT_ARGS = {  # eps large enough that the effect is far above fp32 rounding on a tiny model
-    "smart": {"eps": 1e-2, "sigma": 1e-2, "eta": 1e-1},
-    "r3f": {"eps": 1e-2},
-    "freelb": {},
-    "sift": {"vat_init_perturbation": 0.1},
-    "adv": {"params": {"vat_init_perturbation": 0.1}},
+EFFECT_ARGS = {  # the defaults: since issue 17 each perturbation is far above fp32 rounding on a tiny model
+    "smart": {}, "r3f": {}, "freelb": {}, "sift": {}, "adv": {},
 }
-
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("num_labels", [2, 1], ids=["cls", "reg"])

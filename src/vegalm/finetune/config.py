@@ -92,6 +92,9 @@ class FinetuneConfig:
                                  default="none")
     allow_new_weights: bool = option("start encoder weights the model folder lacks fresh instead of stopping",
                                  default=False)
+    unpad: bool = option("pack the real tokens through the layers (model/unpad.py): the same batches, no padding "
+                         "in the token-wise work; backend vegalm, or hf models with transformers' attention "
+                         "interface (BERT, RoBERTa, MiniLM)", default=False)
     train: FinetuneTrain = field(default_factory=FinetuneTrain)
 
     @classmethod
@@ -230,12 +233,17 @@ def resolve(cfg: FinetuneConfig | dict) -> dict[str, Any]:
         trick_args={name: to_dict(args) for name, (_, args) in trick_classes(cfg).items()},
     )
     out.update(_extra_train_key(cfg.extra_train))
+    revised = {n: cls.revision for n, (cls, _) in trick_classes(cfg).items() if getattr(cls, "revision", 1) != 1}
+    if revised:  # a trick whose computation changed at the same Args bumps its `revision`: older caches go stale
+        out["trick_revisions"] = revised
     if t.grad_accum > 1:
         # micro-batches are length-sorted slices of each batch; named in the key only here, so keys of
         # grad_accum=1 runs made before sorting existed stay valid
         out["micro_batch_order"] = "length"
     if not cfg.allow_new_weights:
         out.pop("allow_new_weights")
+    if not cfg.unpad:
+        out.pop("unpad")  # on, it changes the dropout stream (masks over packed tokens); off, older keys stay valid
     if spec.name != "wnli" or cfg.wnli_treatment == "none":
         out.pop("wnli_treatment")  # only a WNLI run is changed by it; older keys stay valid
     return out

@@ -124,7 +124,21 @@ def _first(keys: list[str]) -> str:
 
 def build_model(resolved: dict[str, Any], num_labels: int) -> tuple[nn.Module, list[str]]:
     """(model, names of freshly initialised weights) from `init_from` or `model`. A missing or unexpected
-    encoder weight raises WeightsMismatchError unless `allow_new_weights`; a new head is logged once."""
+    encoder weight raises WeightsMismatchError unless `allow_new_weights`; a new head is logged once.
+    With `unpad`, the model runs its layers on the packed real tokens (model/unpad.py), in training and
+    in evaluation alike (predict.py calls the same model; EMA / teacher copies keep the switch)."""
+    model, fresh = _load_model(resolved, num_labels)
+    if resolved.get("unpad"):
+        from vegalm.model.unpad import enable_unpadding
+
+        if not enable_unpadding(model):
+            raise ConfigError(f"unpad: backend {resolved['backend']} has no packed path for {type(model).__name__} "
+                              f"(model_type {resolved.get('model_type')!r}: its attention does not go through "
+                              "transformers' attention interface); set unpad=false")
+    return model, fresh
+
+
+def _load_model(resolved: dict[str, Any], num_labels: int) -> tuple[nn.Module, list[str]]:
     weights = Path(resolved["init_from"] or resolved["model"])
     allow = bool(resolved.get("allow_new_weights"))
     read_model_config(weights)

@@ -4,7 +4,10 @@ A padded batch [B, L] is packed into its T real tokens. Attention, the only op t
 re-pads q/k/v per sequence and masks padding keys, so each example sees exactly its own tokens and
 the loss and gradients are those of the padded batch (tests/test_kernels_unpad.py). The batches
 themselves are unchanged. `enable_unpadding(model)` switches it on for our encoder and for
-transformers encoders whose self-attention goes through `ALL_ATTENTION_FUNCTIONS` (BERT, RoBERTa, ...).
+transformers encoders whose self-attention goes through `ALL_ATTENTION_FUNCTIONS` (BERT, RoBERTa, ELECTRA,
+ALBERT, ...); fine-tuning's `unpad=true` calls it (finetune/models.py). The switch survives `copy.deepcopy`
+(EMA and SMART teachers): a copy runs its own weights, packed. The embeddings (lookup, LayerNorm,
+dropout) still run on [B, L], and attention on the re-padded [B, H, L, L] scores.
 """
 
 from __future__ import annotations
@@ -67,6 +70,35 @@ def _hf_supported(encoder: nn.Module) -> bool:
     return mod is not None and "ALL_ATTENTION_FUNCTIONS" in vars(mod)
 
 
+def _stash_mask(base: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of the base model: keep its 2-D attention_mask for the encoder (the encoder itself
+    receives transformers' 4-D additive mask). A module-level function of the module it gets, not a
+    closure, so a deepcopy of the model (EMA and SMART teachers) stashes into its own encoder."""
+    base.encoder._vegalm_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+
+def _drop_mask(base: nn.Module, *_) -> None:
+    base.encoder._vegalm_mask = None
+
+
+def _packed_encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+    """The encoder's own forward (its class's, so a deepcopy runs its own weights) on the packed tokens."""
+    padded_forward = type(self).forward
+    mask = getattr(self, "_vegalm_mask", None)
+    if mask is None or bool(mask.all()) or tuple(mask.shape) != tuple(hidden_states.shape[:2]):
+        return padded_forward(self, hidden_states, attention_mask, *args, **kwargs)
+    packing = Packing(mask)
+    config = self._vegalm_config
+    before = config._attn_implementation
+    config._attn_implementation = ATTN_NAME  # read by each layer at call time; restored below
+    try:
+        out = padded_forward(self, packing.unpad(hidden_states)[None], packing, *args, **kwargs)
+    finally:
+        config._attn_implementation = before
+    out.last_hidden_state = packing.pad(out.last_hidden_state[0])
+    return out
+
+
 def _enable_hf(model: nn.Module) -> bool:
     base = getattr(model, "base_model", model)
     encoder = getattr(base, "encoder", None)
@@ -76,30 +108,11 @@ def _enable_hf(model: nn.Module) -> bool:
     if getattr(encoder, "_vegalm_unpadded", False):
         return True
     _register()
-    state: dict = {}
-
-    def stash(_module, args, kwargs):
-        state["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-
-    base.register_forward_pre_hook(stash, with_kwargs=True)
-    base.register_forward_hook(lambda *_: state.clear())
-    padded_forward = encoder.forward
-
-    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
-        mask = state.get("mask")
-        if mask is None or bool(mask.all()) or tuple(mask.shape) != tuple(hidden_states.shape[:2]):
-            return padded_forward(hidden_states, attention_mask, *args, **kwargs)
-        packing = Packing(mask)
-        before = config._attn_implementation
-        config._attn_implementation = ATTN_NAME  # read by each layer at call time; restored below
-        try:
-            out = padded_forward(packing.unpad(hidden_states)[None], packing, *args, **kwargs)
-        finally:
-            config._attn_implementation = before
-        out.last_hidden_state = packing.pad(out.last_hidden_state[0])
-        return out
-
-    encoder.forward = MethodType(forward, encoder)
+    encoder._vegalm_config = config  # the layers' config (a deepcopy copies both to one new object)
+    base.register_forward_pre_hook(_stash_mask, with_kwargs=True)
+    base.register_forward_hook(_drop_mask)
+    encoder._vegalm_mask = None
+    encoder.forward = MethodType(_packed_encoder_forward, encoder)
     encoder._vegalm_unpadded = True
     return True
 

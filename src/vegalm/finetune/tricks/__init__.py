@@ -2,7 +2,7 @@
 importing this package loads them all. The contract and each trick's sources and costs: docs/tricks.md.
 
 Registry names (the `--tricks` values): adv (umbrella over smart, freelb, r3f, sift), smart, freelb, r3f,
-sift, selfcal, ema, llrd, reinit.
+sift, rdrop, selfcal, ema, llrd, reinit.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from vegalm.finetune.tricks.llrd import LLRD
 from vegalm.finetune.tricks.objective import build_objective
 from vegalm.finetune.tricks.perturb import smoothness, symmetric_kl
 from vegalm.finetune.tricks.r3f import R3F
+from vegalm.finetune.tricks.rdrop import RDrop
 from vegalm.finetune.tricks.reinit import Reinit
 from vegalm.finetune.tricks.selfcal import SelfCalibration
 from vegalm.finetune.tricks.sift import SIFT
@@ -35,6 +36,7 @@ __all__ = [
     "LLRD",
     "METHODS",
     "R3F",
+    "RDrop",
     "SIFT",
     "SMART",
     "TRICKS",

@@ -2,7 +2,9 @@
 
 Default SiFT: DeBERTa's own adversarial fine-tuning (made for its 1.5B model, the closest relative of
 Vega's 1.3B disentangled-attention encoder); its perturbation is relative to the embedding scale, so it
-survives bf16, and it needs no teacher copy. Why not the others: docs/tricks.md.
+survives bf16, and it needs no teacher copy. Why not the others: docs/tricks.md. With dropout on, every
+method but FreeLB compares a perturbed pass with the clean pass under fresh dropout masks, as their official
+code does, so its divergence includes an R-Drop (dropout-consistency) part; the `rdrop` trick is that part alone.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Adversarial(Trick):
     name = "adv"
     Args = AdvArgs
     priority = 50
+    revision = 2  # 2: the methods' issue-17 fixes (sites, defaults, FreeLB's dropout mask)
 
     def __init__(self, args: Any = None, task_spec: Any = None, num_labels: int = 2):
         super().__init__(args, task_spec, num_labels)

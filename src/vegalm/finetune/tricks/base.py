@@ -51,6 +51,9 @@ class Trick:
     # copies other tricks take, target-changing tricks (selfcal, 10) before the regularisers (50) that use
     # the final targets, weight averaging (90) last.
     priority: ClassVar[int] = 50
+    # Bumped when the trick computes something else at the same Args; enters the run cache key when != 1, so
+    # runs cached by an earlier revision are retrained instead of reused.
+    revision: ClassVar[int] = 1
 
     def __init__(self, args: Any = None, task_spec: Any = None, num_labels: int = 2):
         self.args = args if args is not None else self.Args()

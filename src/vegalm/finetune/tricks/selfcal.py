@@ -83,8 +83,9 @@ class SelfCalibration(Trick):
         idx = batch.get("index")
         if idx is None:
             raise VegaError("selfcal mode 'pskd' needs batch['index'] (each training example's unique id)")
+        rows = int(idx.max()) + 1  # read where the index lives (a meta device holds no values)
         idx = idx.to(current.device).long()
-        self._ensure(int(idx.max()) + 1, current.shape[1], current.device)
+        self._ensure(rows, current.shape[1], current.device)
         if self.store.device != current.device:  # e.g. after load_state_dict on CPU
             self.store, self.seen = self.store.to(current.device), self.seen.to(current.device)
         prev, seen = self.store[idx].clone(), self.seen[idx].clone()
