@@ -136,7 +136,8 @@ def _train(cfg: FinetuneConfig, resolved: dict[str, Any], key: str, out: Path, t
         hooks.ema.copy_to(eval_model)
     for _, trick in tricks:
         eval_model = trick.eval_model(eval_model)
-    evaluated = "+".join(["ema" if hooks.ema else "final", *(n for n, t in tricks if changes_eval_model(t))])
+    evaluated = "+".join(["ema" if hooks.ema is not None else "final",
+                          *(n for n, t in tricks if changes_eval_model(t))])  # only what changes the evaluated model
     ev = evaluate_splits(eval_model, spec, resolved, collate, cfg, trainer.accelerator.device,
                          dev_ex, dev_ds, test_ex, test_ds)
     t_eval = time.perf_counter() - t1
