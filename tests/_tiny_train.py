@@ -3,6 +3,7 @@
     python tests/_tiny_train.py --out /tmp/run --steps 20 --save-every 5
     python tests/_tiny_train.py --out /tmp/run --steps 20 --save-every 5 --resume
     torchrun --nproc_per_node 2 tests/_tiny_train.py --out /tmp/ddp --steps 10 --batch-size 8 --dropout 0
+    torchrun --nproc_per_node 2 tests/_tiny_train.py --out /tmp/fsdp --steps 10 --batch-size 8 --dropout 0 --fsdp
     python tests/_tiny_train.py --serve      # fork server for many short runs (see `serve`)
 
 Model: token embedding -> 2 residual MLP blocks (Linear, GELU, Dropout, LayerNorm) -> mean pool -> linear
@@ -115,7 +116,8 @@ def build(args: argparse.Namespace):
     cfg = TrainConfig(
         lr=args.lr, max_steps=args.steps, warmup_steps=2, batch_size=args.batch_size, grad_accum=args.grad_accum,
         seed=args.seed, log_every=args.log_every, save_every=args.save_every, keep_last=args.keep_last,
-        max_bad_steps=args.max_bad_steps, progress=False,
+        max_bad_steps=args.max_bad_steps, progress=False, fsdp=args.fsdp, mixed_precision=args.mixed_precision,
+        activation_checkpointing=args.activation_checkpointing,
     )
     ref: dict = {}
     objective = make_objective({int(s) for s in args.nan_at.split(",") if s}, ref, args.step_sleep)
@@ -144,6 +146,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-after", type=int, default=0, help="stop cleanly (with a checkpoint) after this step")
     p.add_argument("--signal-at", default="", help="STEP[:RANK]: that rank sends itself SIGTERM after STEP")
+    p.add_argument("--fsdp", action="store_true", help="train.fsdp=true (under torchrun)")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--mixed-precision", default="no")
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds per micro-batch (widens kill windows)")
     return p.parse_args(argv)
 

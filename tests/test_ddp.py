@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ TESTS = Path(__file__).resolve().parent
 SCRIPT = TESTS / "_tiny_train.py"
 sys.path.insert(0, str(TESTS))
 import _tiny_train as tiny  # noqa: E402
+import _torchrun  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="no gloo backend"
@@ -27,12 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def torchrun(out: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
-    torchrun_bin = Path(sys.executable).with_name("torchrun")
-    launcher = [str(torchrun_bin)] if torchrun_bin.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    cmd = [*launcher, "--standalone", "--nproc_per_node", "2", str(SCRIPT), "--out", str(out), *args]
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    proc = _torchrun.run([str(SCRIPT), "--out", str(out), *args], timeout=180)
     assert (proc.returncode == 0) == (expect == 0), proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("TRAINING_STARTED") == 1  # printed by the main process only
     return proc

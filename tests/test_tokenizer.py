@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 from vegalm.cache import STAGE_FILE, StaleStageError
 from vegalm.data.documents import iter_documents
-from vegalm.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, tokenizer_train_main, train_tokenizer
+from vegalm.data.tokenizer import SPECIAL_TOKENS, canonical_unigram, load_tokenizer, tokenizer_train_main, train_tokenizer
 from vegalm.errors import VegaError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpus"
@@ -180,3 +180,18 @@ def test_degenerate_vocabulary_warns_loudly(tmp_path, capsys, caplog):
     capsys.readouterr()
     _tiny_train(str(DATA / "gutenberg" / "blake-poems.txt.gz"), 300, tmp_path / "ok", max_docs=200)
     assert "pieces for" not in capsys.readouterr().err
+
+
+def test_training_twice_gives_one_tokenizer_json(trained, tmp_path):
+    """tokenizers' Unigram trainer orders tied pieces differently from run to run (randomly seeded hash maps);
+    canonical_unigram makes the saved file, and so every token id, a function of the corpus and settings."""
+    _, first, _ = trained
+    train_tokenizer(str(WIKI / "wiki-000.txt.gz"), 1500, tmp_path / "again", max_docs=2000, seed_size=20_000,
+                    shrinking_factor=0.5, n_sub_iterations=1, progress=False)
+    assert (tmp_path / "again" / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
+    saved = Tokenizer.from_file(str(first / "tokenizer.json"))
+    assert canonical_unigram(saved).to_str() == saved.to_str()  # idempotent
+    vocab = json.loads(saved.to_str())["model"]["vocab"]
+    assert [p for p, _ in vocab[:len(SPECIAL_TOKENS)]] == list(SPECIAL_TOKENS)
+    assert [s for _, s in vocab[len(SPECIAL_TOKENS):]] == sorted((s for _, s in vocab[len(SPECIAL_TOKENS):]),
+                                                                 reverse=True)  # fmt: skip

@@ -270,23 +270,10 @@ def documents_from_records(
                 return
 
 
-def iter_documents_hub(
-    name: str,
-    config: str | None = None,
-    split: str = "train",
-    text_field: str = "text",
-    stats: CorpusStats | None = None,
-    *,
-    max_docs: int | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-) -> Iterator[str]:
-    """Stream documents from a Hugging Face dataset through `datasets.load_dataset(..., streaming=True)`.
-
-    `name` is a Hub id, e.g. ("wikimedia/wikipedia", "20231101.en"), or a file builder (text, json, parquet, csv)
-    whose `config` is a path or glob of local files (read offline). With `world_size` > 1, this rank reads only
-    its disjoint shard (`datasets.distributed.split_dataset_by_node`).
-    """
+def load_hub_dataset(name: str, config: str | None = None, split: str = "train", *, rank: int = 0,
+                     world_size: int = 1) -> Any:
+    """`datasets.load_dataset(..., streaming=True)` of a Hub id or a file builder (see iter_documents_hub), cut to
+    this rank's disjoint shard when `world_size` > 1 (`datasets.distributed.split_dataset_by_node`)."""
     from datasets import load_dataset
 
     try:
@@ -304,6 +291,27 @@ def iter_documents_hub(
         from datasets.distributed import split_dataset_by_node
 
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    return ds
+
+
+def iter_documents_hub(
+    name: str,
+    config: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    stats: CorpusStats | None = None,
+    *,
+    max_docs: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[str]:
+    """Stream documents from a Hugging Face dataset through `datasets.load_dataset(..., streaming=True)`.
+
+    `name` is a Hub id, e.g. ("wikimedia/wikipedia", "20231101.en"), or a file builder (text, json, parquet, csv)
+    whose `config` is a path or glob of local files (read offline). With `world_size` > 1, this rank reads only
+    its disjoint shard (`datasets.distributed.split_dataset_by_node`).
+    """
+    ds = load_hub_dataset(name, config, split, rank=rank, world_size=world_size)
     return documents_from_records(ds, text_field, stats, max_docs=max_docs)
 
 
@@ -350,7 +358,17 @@ def open_corpus(spec: Any, stats: CorpusStats, *, max_docs: int | None = None, *
     the sizes and mtimes of the local files a file builder reads)."""
     hub = hub_spec(spec)
     if hub is not None:
-        files = _builder_files(hub["name"], hub["config"]) if hub["name"] in FILE_BUILDERS else []
-        return iter_documents_hub(**hub, stats=stats, max_docs=max_docs), [{"hub": spec}, *map(_file_source, files)]
+        sources = corpus_sources(spec)
+        return iter_documents_hub(**hub, stats=stats, max_docs=max_docs), sources
     files = resolve_paths(spec)
     return iter_documents(files, stats, max_docs=max_docs, **local_kw), [_file_source(p) for p in files]
+
+
+def corpus_sources(spec: Any) -> list:
+    """What a cache key holds for a corpus (open_corpus's `sources`): `{"hub": spec}` then the size and mtime of
+    each local file a file builder reads, or the size and mtime of each local file."""
+    hub = hub_spec(spec)
+    if hub is None:
+        return [_file_source(p) for p in resolve_paths(spec)]
+    files = _builder_files(hub["name"], hub["config"]) if hub["name"] in FILE_BUILDERS else []
+    return [{"hub": spec}, *map(_file_source, files)]

@@ -85,6 +85,41 @@ def _post_processor() -> processors.TemplateProcessing:
     )
 
 
+SCORE_DECIMALS = 6  # trained log-probabilities differ across runs by ~1e-15 (below); 1e-6 keeps ~7 digits
+_CHAR_STEP = 1e-4  # the trainer appends required characters at min_score, min_score - 1e-4, ... (then flat)
+
+
+def canonical_unigram(tok: Tokenizer) -> Tokenizer:
+    """The same Unigram model made a function of the corpus and settings alone: scores rounded to SCORE_DECIMALS,
+    the pieces after the special tokens ordered by (score descending, piece), and the trailing block of required
+    single characters (scores min, min - 1e-4, ...) reassigned those scores in code-point order.
+
+    `tokenizers`' Unigram trainer iterates randomly seeded hash maps, parallel or not: three trainings of the same
+    1000 documents here gave one set of pieces but three id orders (scores differing in the 15th digit, required
+    characters given their scores in another order), and so different token ids for the same text.
+    """
+    spec = json.loads(tok.to_str())
+    model = spec["model"]
+    if model.get("type") != "Unigram":
+        raise VegaError(f"canonical_unigram: expected a Unigram model, got {model.get('type')}")
+    n = len(SPECIAL_TOKENS)
+    head = [list(x) for x in model["vocab"][:n]]
+    if [piece for piece, _ in head] != list(SPECIAL_TOKENS):
+        raise VegaError(f"canonical_unigram: the first pieces are {[p for p, _ in head]}, expected {SPECIAL_TOKENS}")
+    rest = sorted(([piece, round(score, SCORE_DECIMALS)] for piece, score in model["vocab"][n:]),
+                  key=lambda x: (-x[1], x[0]))  # fmt: skip
+    start = len(rest)  # the required-characters block: single characters whose scores step by 0 or -1e-4
+    while start > 1 and len(rest[start - 1][0]) == 1 and round(rest[start - 2][1] - rest[start - 1][1], 5) in (
+            0.0, _CHAR_STEP):  # fmt: skip
+        start -= 1
+    if start > 0 and len(rest[start - 1][0]) == 1:  # the block's first character (at min_score) steps from a
+        start -= 1  # learned piece's score: it stopped the scan, yet it is one of the reassigned characters
+    block = rest[start:]
+    rest[start:] = [[piece, score] for piece, score in zip(sorted(p for p, _ in block), [s for _, s in block])]
+    model["vocab"] = head + rest
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 def _check_special_ids(tok: Tokenizer, where: str) -> None:
     for want, token in enumerate(SPECIAL_TOKENS):
         got = tok.token_to_id(token)
@@ -151,6 +186,7 @@ def train_tokenizer(
     seconds = time.perf_counter() - start
     if stats.docs == 0:
         raise VegaError(f"no documents found in {', '.join(str(x.get('path', x.get('hub'))) for x in sources)}")
+    tok = canonical_unigram(tok)
     tok.post_processor = _post_processor()
     _check_special_ids(tok, "trained tokenizer")
     clear_stage(out_dir)  # the old files are about to be replaced

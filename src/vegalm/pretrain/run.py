@@ -3,8 +3,7 @@
     vegalm pretrain --recipe recipes/tiny.yaml --out runs/pt                  # CPU default, minutes
     vegalm pretrain --recipe recipes/tiny.yaml --out runs/pt phase1.train.max_steps=50
     torchrun --nproc_per_node 8 -m vegalm.cli pretrain --recipe recipes/base.yaml --out runs/base
-    accelerate launch --config_file configs/accelerate/fsdp.yaml -m vegalm.cli pretrain \\
-        --recipe recipes/vega-1.3b.yaml --out /ckpt/vega
+    torchrun --nproc_per_node 8 -m vegalm.cli pretrain --recipe recipes/vega-1.3b.yaml --out /ckpt/vega   # FSDP
 
 Every stage (tokenizer, packed data, each phase, the export) is keyed by the settings and inputs that
 determine it (vegalm.cache): a finished stage with the same key is skipped, one with another key is trained
@@ -34,9 +33,10 @@ from vegalm.config import ConfigError, from_dict, to_dict
 from vegalm.errors import VegaError
 from vegalm.model import EncoderConfig
 from vegalm.pretrain.gdes import unshare
-from vegalm.pretrain.health import HealthConfig, build_health
+from vegalm.pretrain.health import HealthCallback, HealthConfig, build_health
 from vegalm.pretrain.rtd import ObjectiveConfig, build_pretrain_model, objective
-from vegalm.train.trainer import TrainConfig, Trainer
+from vegalm.train.fsdp import full_state_dict, is_sharded
+from vegalm.train.trainer import TrainConfig, Trainer, process_state
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,21 @@ class DataConfig:
     vocab_size: int = 8000
     tokenizer_max_docs: int | None = 4000
     seq_len: int = 128
-    max_docs: int | None = None  # pretrain on the first N documents only
+    max_docs: int | None = None  # pretrain on the first N documents only (streaming: per epoch, over all ranks)
     num_proc: int = 2
+    streaming: bool = field(default=False, metadata={
+        "help": "pack documents on the fly while training (datasets streaming for hf: corpora) instead of building "
+                "data/ first; each process reads a disjoint shard and resumes at the exact document"})
+    shuffle_buffer: int = field(default=0, metadata={
+        "help": "streaming, hf: corpora: shuffle each epoch through a buffer of N records (0: file order)"})
 
     def check(self) -> None:
         for key in ("vocab_size", "seq_len", "num_proc", "tokenizer_max_docs", "max_docs"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
+        if self.shuffle_buffer < 0 or (self.shuffle_buffer and not self.streaming):
+            raise ConfigError(f"shuffle_buffer: must be >= 0 and needs data.streaming=true, got {self.shuffle_buffer}")
 
 
 @dataclass
@@ -133,7 +140,8 @@ def _write_json(path: Path, obj: Any) -> None:
 def prepare_data(cfg: RecipeConfig, out: Path, data_dir: Path | None = None, tokenizer_dir: Path | None = None,
                  retrain: bool = False):  # fmt: skip
     """Tokenizer and packed segments, each a stage keyed by its inputs (vegalm.cache): reused when they match,
-    rebuilt when `retrain`, else StaleStageError. Returns (tokenizer, tokenizer dir, store)."""
+    rebuilt when `retrain`, else StaleStageError. Returns (tokenizer, tokenizer dir, store); store is None under
+    data.streaming (the segments are packed while training, `stream_segments`)."""
     from vegalm.data.packing import build_segments
     from vegalm.data.tokenizer import load_tokenizer, train_tokenizer
 
@@ -144,13 +152,26 @@ def prepare_data(cfg: RecipeConfig, out: Path, data_dir: Path | None = None, tok
         train_tokenizer(cfg.data.corpus, cfg.data.vocab_size, tok_dir, max_docs=cfg.data.tokenizer_max_docs,
                         retrain=retrain)  # fmt: skip
     tokenizer = load_tokenizer(tok_dir)
+    if cfg.data.streaming:
+        return tokenizer, tok_dir, None
     store = build_segments(tokenizer, cfg.data.corpus, Path(data_dir or out / "data"), cfg.data.seq_len, seed=cfg.phase1.train.seed,
                            num_proc=cfg.data.num_proc, max_docs=cfg.data.max_docs, retrain=retrain)  # fmt: skip
     return tokenizer, tok_dir, store
 
 
-# TrainConfig fields that change what is logged or kept on disk, not the weights: not part of a phase's key.
-_UNKEYED = ("progress", "log_every", "save_every", "keep_last", "num_workers")
+def stream_segments(cfg: RecipeConfig, tokenizer, rank: int, world_size: int):
+    """This process's StreamingSegments of data.corpus (its disjoint shard), packed as build_segments packs."""
+    from vegalm.data.streaming import StreamingSegments
+
+    max_docs = None if cfg.data.max_docs is None else max(1, cfg.data.max_docs // world_size)  # per rank
+    return StreamingSegments(cfg.data.corpus, tokenizer, cfg.data.seq_len, rank=rank, world_size=world_size,
+                             seed=cfg.phase1.train.seed, max_docs=max_docs, shuffle_buffer=cfg.data.shuffle_buffer)
+
+
+# TrainConfig fields that change what is logged or kept on disk, or memory and not the weights: not in a phase's key.
+_UNKEYED = ("progress", "log_every", "save_every", "keep_last", "num_workers", "fsdp_reshard_after_forward",
+            "activation_checkpointing")
+_KEYED_WHEN_SET = {"fsdp": False}  # newer fields: keyed only away from their default, so older keys stay valid
 
 
 def phase_keys(cfg: RecipeConfig, data_key: dict | None) -> list[tuple[str, PhaseConfig, dict]]:
@@ -161,7 +182,8 @@ def phase_keys(cfg: RecipeConfig, data_key: dict | None) -> list[tuple[str, Phas
         phase = getattr(cfg, name)
         if phase is not None:
             settings = to_dict(phase)
-            settings["train"] = {k: v for k, v in settings["train"].items() if k not in _UNKEYED}
+            settings["train"] = {k: v for k, v in settings["train"].items()
+                                 if k not in _UNKEYED and not (k in _KEYED_WHEN_SET and v == _KEYED_WHEN_SET[k])}
             prev = stage_key(**{name: settings}, model=to_dict(cfg.model), health=to_dict(cfg.health),
                              data=data_key, previous=prev)  # a changed key reads `phase1.train.lr: 0.001 -> ...`
             out.append((name, phase, prev))
@@ -203,56 +225,76 @@ def run_pretrain(cfg: RecipeConfig, out: str | Path, resume: bool = True, data_d
 def _run_pretrain(cfg: RecipeConfig, out: Path, resume: bool, data_dir: Path | None, tokenizer_dir: Path | None,
                   retrain: bool) -> dict:  # fmt: skip
     t0 = time.time()
-    tokenizer, tok_dir, store = prepare_data(cfg, out, data_dir, tokenizer_dir, retrain)
-    keyed = phase_keys(cfg, read_stage(Path(data_dir or out / "data")))
+    procs = process_state()  # under torchrun: the process group; the main process builds the data, the rest reuse it
+    with procs.main_process_first():
+        tokenizer, tok_dir, store = prepare_data(cfg, out, data_dir, tokenizer_dir, retrain and procs.is_main_process)
+    stream_set = None
+    if store is None:  # data.streaming
+        stream_set = stream_segments(cfg, tokenizer, procs.process_index, procs.num_processes)
+        data_key = {"streaming": stream_set.describe(), "max_docs": cfg.data.max_docs}  # rank-independent
+    else:
+        data_key = read_stage(Path(data_dir or out / "data"))
+    keyed = phase_keys(cfg, data_key)
     states = {name: _phase_state(out / name, key, retrain) for name, _, key in keyed}  # refuse before any training
     model_cfg = replace(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     if cfg.model.vocab_size != model_cfg.vocab_size:
         log.info("model.vocab_size set to the tokenizer's %d", model_cfg.vocab_size)
     special = tuple(t for t in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id) if t is not None)
     mask_id = tokenizer.mask_token_id
-    if any(state != "done" for state in states.values()):  # recipe.json describes what is (being) trained
+    if procs.is_main_process and any(state != "done" for state in states.values()):  # what is (being) trained
         _write_json(out / "recipe.json", to_dict(cfg))
-    train_set, health = build_health(cfg.health, store, _collate, special, model_cfg.vocab_size)
+    if store is None:
+        if cfg.health.heldout_segments and procs.is_main_process:
+            log.warning("health: no held-out metrics under data.streaming (they need a packed store, data/)")
+        train_set, health = stream_set, HealthCallback([], cfg.health, None)
+    else:
+        train_set, health = build_health(cfg.health, store, _collate, special, model_cfg.vocab_size)
 
-    model, accelerator, summaries, trained, stream = None, None, {}, False, None
+    model, prev, accelerator, summaries, trained, stream = None, None, None, {}, False, None
     for name, phase, key in keyed:
-        prev = model
         # Seeded init: torch's default generator is seeded randomly per process, and a phase that is
         # skipped (done.json) or resumed must build the same initial weights (phase 2's new SimCSE head).
         torch.manual_seed(phase.train.seed)
         model = build_pretrain_model(model_cfg, phase.objective, mask_id, special)
         if prev is not None:  # continue from the previous phase's weights (a new phase may add the SimCSE head)
-            missing, unexpected = model.load_state_dict(prev.state_dict(), strict=False)
+            missing, unexpected = model.load_state_dict(prev, strict=False)
             if unexpected or any(not k.startswith("cl_head.") for k in missing):
                 raise VegaError(f"{name}: its model does not continue {keyed[0][0]}'s "
                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}); keep model/objective shapes equal")  # fmt: skip
         pdir = out / name
-        if states[name] == "retrain":  # a finished phase of other settings (its stage record says it is ours)
+        if states[name] == "retrain" and procs.is_main_process:  # a finished phase of other settings (ours)
             shutil.rmtree(pdir)
+        procs.wait_for_everyone()
         done = _done(pdir) if states[name] == "done" else None
         trainer = Trainer(model, objective, train_set, _collate, phase.train, pdir, callbacks=[health],
                           accelerator=accelerator)  # fmt: skip
         accelerator = trainer.accelerator
-        if stream is not None:
+        if stream is not None and trainer.sampler is not None:  # a streamed set simply reads on
             continue_stream(trainer.sampler, stream)
         if done is not None:
             # Finished earlier: restore its final weights, skip the training.
             from vegalm.train.checkpoint import latest_checkpoint, load_checkpoint
 
-            state = load_checkpoint(latest_checkpoint(trainer.ckpt_root), model=trainer.model, restore_rng_state=False)
+            sharded = is_sharded(trainer.model)
+            state = load_checkpoint(latest_checkpoint(trainer.ckpt_root), model=None if sharded else trainer.model,
+                                    sharded=(trainer.model, None) if sharded else None, restore_rng_state=False,
+                                    rank=procs.process_index)  # fmt: skip
             summaries[name] = done
             stream = state["sampler"]
+            if trainer.stream is not None:  # where this phase's stream stopped: the next phase reads on from there
+                trainer.stream.load_state_dict(state["rank_state"]["stream"])
             log.info("%s: complete (step %s), skipped", name, done.get("step"))
         else:
             summaries[name] = trainer.train(resume=resume)
-            summaries[name].update(_phase_probes(trainer.model, tokenizer, cfg.health, health))
-            stream = trainer.sampler.state_dict()
+            stream = trainer.sampler.state_dict() if trainer.sampler is not None else None
+        model = _unsharded(trainer.model, model_cfg, phase.objective, mask_id, special)
+        if done is None:
+            summaries[name].update(_phase_probes(model, tokenizer, cfg.health, health))
             trained = True
             if trainer.is_main:
                 _write_json(pdir / "done.json", summaries[name])
                 write_stage(pdir, key)
-        model = trainer.model
+        prev = model.state_dict()
 
     result = {"recipe": cfg.name, "phases": summaries, "wall_s": time.time() - t0, "tokenizer": str(tok_dir)}
     if accelerator is None or accelerator.is_main_process:
@@ -268,6 +310,16 @@ def _run_pretrain(cfg: RecipeConfig, out: Path, resume: bool, data_dir: Path | N
         result["stage_key"] = export_key
         _write_json(out / "summary.json", result)
     return result
+
+
+def _unsharded(model, model_cfg: EncoderConfig, obj: ObjectiveConfig, mask_id: int, special: tuple[int, ...]):
+    """`model` itself, or under FSDP a plain copy holding the gathered weights on every process (for the next phase,
+    the probes and the export; one full copy per process, on the CPU)."""
+    if not is_sharded(model):
+        return model
+    plain = build_pretrain_model(model_cfg, obj, mask_id, special)
+    plain.load_state_dict(full_state_dict(model, everywhere=True))
+    return plain
 
 
 def continue_stream(sampler, state: dict) -> None:

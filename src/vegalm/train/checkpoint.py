@@ -10,6 +10,10 @@ Layout (`root` = out_dir/checkpoints):
                     COMPLETE             marker (JSON: step, files), written last
     root/latest                          text file naming the newest complete checkpoint ("step-000120")
 
+Under FSDP (`sharded=(model, optimizer)`) model.safetensors and optimizer.pt are replaced by `dcp/`: a
+torch.distributed.checkpoint folder where every process writes its own shards (DCP reshards on load, so a
+different number of processes can resume it).
+
 A save writes everything into `root/.tmp-step-000120/`, fsyncs each file and the directory,
 renames the directory into place with `os.replace`, then replaces `latest` the same way
 (tmp file + fsync + rename). A crash at any point leaves `latest` naming a complete checkpoint.
@@ -21,7 +25,8 @@ Every `.pt` file holds only tensors, numbers, strings, lists and dicts, and is r
     state = load_checkpoint(path, model=m, optimizer=opt)   # also restores this process's RNG
 
 Test hooks (environment): VEGALM_TEST_CKPT_ABORT=<step> hard-exits (status 86) in the middle of
-writing checkpoint <step>; VEGALM_TEST_CKPT_SLEEP=<seconds> sleeps between files of every save.
+writing checkpoint <step>; VEGALM_TEST_CKPT_SLEEP=<seconds> sleeps between files of every save;
+VEGALM_TEST_KILL_AFTER_SAVE=<step> makes every process SIGKILL itself once checkpoint <step> is complete.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +51,7 @@ from vegalm.errors import VegaError
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+SHARDED = "dcp"  # the torch.distributed.checkpoint folder of an FSDP checkpoint
 LATEST = "latest"
 PREFIX = "step-"
 
@@ -132,15 +139,15 @@ def save_checkpoint(
     rank: int = 0,
     is_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
-    model_state: dict[str, torch.Tensor] | None = None,
     rank_state: dict[str, Any] | None = None,
+    sharded: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically; every process calls this (each writes its own RNG file).
 
-    `model` is the unwrapped module, saved by the main process; pass `model=None, model_state=...`
-    to save an already-gathered state dict instead (FSDP / DeepSpeed). `rank_state` is this process's
+    `model` is the unwrapped module, saved by the main process. `rank_state` is this process's
     own state (e.g. a callback's per-example memory), stored beside its RNG state and returned by
-    `load_checkpoint` as trainer_state["rank_state"]. Returns the final directory.
+    `load_checkpoint` as trainer_state["rank_state"]. `sharded=(model, optimizer)`: an FSDP model, saved by every
+    process into `dcp/` (pass model=None, optimizer=None). Returns the final directory.
     """
     root = Path(root)
     final = root / step_dir_name(step)
@@ -150,12 +157,12 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier()
     _torch_save({"rng": capture_rng(), "state": rank_state or {}}, tmp / f"rng_rank{rank}.pt")
+    if sharded is not None:
+        _save_sharded(*sharded, tmp / SHARDED)  # collective
     if is_main:
         if model is not None:
             save_model(model, str(tmp / "model.safetensors"), force_contiguous=True)
-        else:
-            _save_state_dict(model_state or {}, tmp / "model.safetensors")
-        _fsync_path(tmp / "model.safetensors")
+            _fsync_path(tmp / "model.safetensors")
         _test_hook(step)
         if optimizer is not None:
             _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -181,22 +188,32 @@ def save_checkpoint(
             shutil.rmtree(trash, ignore_errors=True)
         prune(root, keep_last)
     barrier()
+    if os.environ.get("VEGALM_TEST_KILL_AFTER_SAVE") == str(step):  # test hook: die right after a complete save
+        os.kill(os.getpid(), signal.SIGKILL)
     return final
 
 
-def _save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors refuses aliased tensors (tied embeddings): keep the first name of each storage."""
-    from safetensors.torch import save_file
+def _save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Every process writes its shards of the model and optimizer (DCP), then fsyncs its own files."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    out = {}
-    for name, t in state.items():
-        key = (t.data_ptr(), tuple(t.shape))
-        if t.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[name] = t.detach().cpu().contiguous()
-    save_file(out, str(path))
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    for f in path.iterdir():  # DCP closes its files without fsync; our atomicity needs them on disk
+        _fsync_path(f)
+    _fsync_path(path)
+
+
+def _load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optim", {}))
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -246,12 +263,21 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     rank: int = 0,
     restore_rng_state: bool = True,
+    sharded: tuple[torch.nn.Module, torch.optim.Optimizer | None] | None = None,
 ) -> dict[str, Any]:
     """Load weights (+ optimizer) into the given objects, restore this process's RNG, return trainer_state
-    (with this process's `rank_state` under "rank_state", {} if it has none)."""
+    (with this process's `rank_state` under "rank_state", {} if it has none). `sharded=(model, optimizer or None)`:
+    an FSDP model (collective); the checkpoint must be an FSDP one, and an FSDP checkpoint needs `sharded`."""
     path = Path(path)
     if not (path / MARKER).is_file():
         raise VegaError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
+    is_dcp = (path / SHARDED).is_dir()
+    if sharded is not None and not is_dcp:
+        raise VegaError(f"{path} was written without FSDP: resume it with train.fsdp=false")
+    if sharded is None and is_dcp and (model is not None or optimizer is not None):
+        raise VegaError(f"{path} was written with FSDP (sharded): resume it with train.fsdp=true under torchrun")
+    if sharded is not None:
+        _load_sharded(*sharded, path / SHARDED)
     if model is not None:
         load_model(model, str(path / "model.safetensors"), strict=True)
     if optimizer is not None:

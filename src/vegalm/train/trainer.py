@@ -65,6 +65,12 @@ class TrainConfig:
     num_workers: int = option("DataLoader worker processes", 0)
     fused_adamw: bool = option("torch AdamW(fused=True) where supported; else foreach", True)
     progress: bool = option("progress bars", True)
+    fsdp: bool = option("shard weights, gradients and optimizer state over the processes (FSDP2, one unit per layer; "
+                        "launch with torchrun)", False)
+    fsdp_reshard_after_forward: bool = option("FSDP: free gathered layer weights after forward (ZeRO-3); false "
+                                              "keeps them for backward (more memory, fewer all-gathers)", True)
+    activation_checkpointing: bool = option("recompute each layer's activations in backward (less memory, "
+                                            "~1/3 more compute)", False)
 
     def check(self) -> None:
         """Raise ConfigError naming the key of an impossible value."""
@@ -83,6 +89,7 @@ class TrainConfig:
             ("keep_last", self.keep_last >= 1, ">= 1"),
             ("max_bad_steps", self.max_bad_steps >= 1, ">= 1"),
             ("num_workers", self.num_workers >= 0, ">= 0"),
+            ("mixed_precision", not self.fsdp or self.mixed_precision in ("no", "bf16"), "no or bf16 under fsdp"),
         ]
         for key, ok, want in rules:
             if not ok:
@@ -145,17 +152,27 @@ class Trainer:
                 "on CPU create the Accelerator with cpu=True (or let the Trainer create it)"
             )
         self.accelerator = acc = accelerator
-        self.sampler = ResumableBatchSampler(
-            len(train_dataset), cfg.batch_size, cfg.grad_accum, acc.process_index, acc.num_processes, cfg.seed,
-            orders=orders,  # e.g. sampler.length_grouping(lengths): reorder each epoch's permutation
-        )
-        if cfg.epochs is not None:
-            self.max_steps = max(1, math.ceil(cfg.epochs * self.sampler.steps_per_epoch))
-        else:
+        # A stream (an IterableDataset with state_dict/load_state_dict, e.g. data.streaming.StreamingSegments)
+        # keeps its own position, saved per process; a sized dataset is drawn by the resumable sampler.
+        self.stream = train_dataset if isinstance(train_dataset, torch.utils.data.IterableDataset) else None
+        if self.stream is not None:
+            self.sampler = None
+            _check_stream(self.stream, cfg, acc.num_processes)
+            batching: dict[str, Any] = dict(batch_size=cfg.batch_size // (cfg.grad_accum * acc.num_processes))
             self.max_steps = cfg.max_steps
+        else:
+            self.sampler = ResumableBatchSampler(
+                len(train_dataset), cfg.batch_size, cfg.grad_accum, acc.process_index, acc.num_processes, cfg.seed,
+                orders=orders,  # e.g. sampler.length_grouping(lengths): reorder each epoch's permutation
+            )
+            batching = dict(batch_sampler=self.sampler)
+            if cfg.epochs is not None:
+                self.max_steps = max(1, math.ceil(cfg.epochs * self.sampler.steps_per_epoch))
+            else:
+                self.max_steps = cfg.max_steps
         self.loader = torch.utils.data.DataLoader(
             train_dataset,
-            batch_sampler=self.sampler,
+            **batching,
             collate_fn=collate_fn,
             num_workers=cfg.num_workers,
             pin_memory=acc.device.type == "cuda",
@@ -163,14 +180,26 @@ class Trainer:
             # or a resumed run (new iterator mid-epoch) would diverge from an uninterrupted one.
             generator=torch.Generator().manual_seed(cfg.seed + acc.process_index),
         )
-        if acc.distributed_type == DistributedType.DEEPSPEED:  # untested here (no GPUs): fill DeepSpeed's batch keys,
-            ds = acc.state.deepspeed_plugin.deepspeed_config  # since it never sees our DataLoader
-            ds["train_micro_batch_size_per_gpu"] = self.sampler.local_batch
-            ds["gradient_accumulation_steps"] = cfg.grad_accum
-            ds["gradient_clipping"] = cfg.max_grad_norm
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise VegaError(f"Accelerate's {acc.distributed_type.value} plugin is not supported: launch with torchrun "
+                            "(or a DDP accelerate config) and set train.fsdp=true (docs/scaling.md)")
         model.to(acc.device)  # before building the optimizer, so fused AdamW sees the real device
+        self.fsdp = cfg.fsdp
+        if cfg.fsdp:  # shard before the optimizer exists: it must hold the sharded parameters
+            from vegalm.train.fsdp import shard_model
+
+            model = shard_model(model, mixed_precision=cfg.mixed_precision, device=acc.device,
+                                reshard_after_forward=cfg.fsdp_reshard_after_forward,
+                                activation_checkpointing=cfg.activation_checkpointing)
+        elif cfg.activation_checkpointing:
+            from vegalm.train.fsdp import enable_checkpointing
+
+            enable_checkpointing(model)
         optimizer = build_optimizer(model, cfg, param_groups)
-        self.wrapped_model, self.optimizer = acc.prepare(model, optimizer)
+        if cfg.fsdp:  # not acc.prepare(model): under torchrun that would wrap the sharded model in DDP
+            self.wrapped_model, self.optimizer = model, acc.prepare(optimizer)
+        else:
+            self.wrapped_model, self.optimizer = acc.prepare(model, optimizer)
         self.scheduler = build_scheduler(_inner(self.optimizer), cfg, self.max_steps)
         self.step = 0
         self.bad_streak = 0  # consecutive skipped steps
@@ -197,10 +226,6 @@ class Trainer:
     def ckpt_root(self) -> Path:
         return self.out_dir / "checkpoints"
 
-    @property
-    def _sharded(self) -> bool:
-        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state(self) -> dict[str, Any]:
         scaler = self.accelerator.scaler
@@ -208,7 +233,7 @@ class Trainer:
             "step": self.step,
             "max_steps": self.max_steps,
             "scheduler": self.scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(),
+            "sampler": self.sampler.state_dict() if self.sampler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "bad_streak": self.bad_streak,
             "bad_total": self.bad_total,
@@ -220,8 +245,8 @@ class Trainer:
         """Write a checkpoint for the current step (collective: every process must call it)."""
         acc = self.accelerator
         kwargs: dict[str, Any] = dict(model=self.model, optimizer=_inner(self.optimizer))
-        if self._sharded:  # gathered full weights; optimizer shards are not saved (resume unsupported)
-            kwargs = dict(model=None, optimizer=None, model_state=acc.get_state_dict(self.wrapped_model))
+        if self.fsdp:  # every process writes its own shards (torch.distributed.checkpoint)
+            kwargs = dict(model=None, optimizer=None, sharded=(self.model, _inner(self.optimizer)))
         return save_checkpoint(
             self.ckpt_root,
             self.step,
@@ -230,9 +255,17 @@ class Trainer:
             rank=acc.process_index,
             is_main=self.is_main,
             barrier=acc.wait_for_everyone,
-            rank_state={"callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else {} for cb in self.callbacks]},
+            rank_state=self._rank_state(),
             **kwargs,
         )
+
+    def _rank_state(self) -> dict[str, Any]:
+        """What only this process knows: its callbacks' states and its stream's position."""
+        out: dict[str, Any] = {"callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else {}
+                                             for cb in self.callbacks]}  # fmt: skip
+        if self.stream is not None:
+            out["stream"] = self.stream.state_dict()
+        return out
 
     def _resume(self) -> bool:
         path = latest_checkpoint(self.ckpt_root)
@@ -240,16 +273,25 @@ class Trainer:
             if self.is_main:
                 log.info("no checkpoint under %s: starting from scratch", self.ckpt_root)
             return False
-        if self._sharded:
-            raise VegaError(f"{path}: resume is supported for single-process and DDP runs only, not FSDP/DeepSpeed")
-        state = load_checkpoint(path, model=self.model, optimizer=_inner(self.optimizer),
-                                rank=self.accelerator.process_index)
+        if self.fsdp:
+            state = load_checkpoint(path, model=None, sharded=(self.model, _inner(self.optimizer)),
+                                    rank=self.accelerator.process_index)
+        else:
+            state = load_checkpoint(path, model=self.model, optimizer=_inner(self.optimizer),
+                                    rank=self.accelerator.process_index)
         if state["num_processes"] != self.accelerator.num_processes and self.is_main:
             log.warning("%s was written by %d processes, resuming with %d: not bit-exact",
                         path, state["num_processes"], self.accelerator.num_processes)
         self.step = int(state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
+        if (state["sampler"] is None) != (self.sampler is None):
+            raise VegaError(f"{path}: written {'with' if state['sampler'] is None else 'without'} a streamed "
+                            f"dataset, this run {'streams' if self.sampler is None else 'does not'}: keep "
+                            "data.streaming as it was to resume")  # fmt: skip
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        else:
+            self.stream.load_state_dict(state["rank_state"]["stream"])
         if state["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.bad_streak, self.bad_total = int(state["bad_streak"]), int(state["bad_total"])
@@ -339,8 +381,10 @@ class Trainer:
     def _one_step(self, model: nn.Module, it, win: _Window) -> None:
         acc, cfg = self.accelerator, self.cfg
         losses, extra, tokens = [], {}, 0.0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = send_to_device(next(it), acc.device)
+            if self.fsdp:  # reduce-scatter the gradients on the last micro-batch only (accumulate() cannot: no no_sync)
+                model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             with acc.accumulate(model):  # no gradient all-reduce except on the last micro-batch
                 with acc.autocast():
                     loss, logs = self.objective(model, batch)
@@ -365,6 +409,8 @@ class Trainer:
         if finite:
             if cfg.max_grad_norm > 0:
                 grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
+                    grad_norm = grad_norm.full_tensor()
             self.optimizer.step()
             self.bad_streak = 0
             self._bad_losses = []
@@ -377,7 +423,8 @@ class Trainer:
         with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
             self.scheduler.step()
-        self.sampler.advance()
+        if self.sampler is not None:
+            self.sampler.advance()
         self.step += 1
         win.steps += 1
         win.tokens += tokens
@@ -483,6 +530,29 @@ class Trainer:
 
             self._writer = SummaryWriter(str(self.out_dir / "tb"))
         return self._writer
+
+
+def _check_stream(stream, cfg: TrainConfig, num_processes: int) -> None:
+    """A stream is resumable only as this process's DataLoader reads it (no workers), in whole local batches."""
+    if not (hasattr(stream, "state_dict") and hasattr(stream, "load_state_dict")):
+        raise VegaError(f"{type(stream).__name__}: a streamed dataset needs state_dict() and load_state_dict() "
+                        "to resume")  # fmt: skip
+    if cfg.num_workers:
+        raise ConfigError("train.num_workers: must be 0 with a streamed dataset (its position is the reader's)")
+    if cfg.epochs is not None:
+        raise ConfigError("train.epochs: a streamed dataset has no length; set train.max_steps")
+    if cfg.batch_size % (cfg.grad_accum * num_processes):
+        raise ConfigError(f"train.batch_size: {cfg.batch_size} must be divisible by grad_accum ({cfg.grad_accum}) "
+                          f"x processes ({num_processes})")
+
+
+def process_state():
+    """Accelerate's PartialState of this launch, creating the process group under torchrun (gloo on a CPU-only
+    machine, as the Trainer's Accelerator does): for work before the Trainer exists (`main_process_first`)."""
+    from accelerate import PartialState
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    return PartialState(cpu=launched > 1 and not _has_accelerator_device())
 
 
 def _allow_new_precision(mixed_precision: str) -> None:
