@@ -139,3 +139,30 @@ def test_model_info_runs(capsys):
     out = capsys.readouterr().out
     assert out.startswith("vega-1.3b: 48 layers, hidden 1536, 24 heads")
     assert "M non-embedding" in out
+    assert "memory per rank, world size 1" in out and "total" in out
+
+
+def _gib(out: str, line: str) -> float:
+    row = next(ln for ln in out.splitlines() if ln.strip().startswith(line))
+    return float(row.split()[-2])
+
+
+def test_model_info_world_size_divides_the_sharded_memory(capsys):
+    assert main(["model-info", "--size", "vega-1.3b", "--world-size", "1"]) == 0
+    one = capsys.readouterr().out
+    assert main(["model-info", "--size", "vega-1.3b", "--world-size", "8"]) == 0
+    eight = capsys.readouterr().out
+    for line in ("parameters (fp32 shard)", "gradients", "AdamW"):
+        assert _gib(eight, line) == pytest.approx(_gib(one, line) / 8, abs=0.01)
+    assert _gib(eight, "activations") == _gib(one, "activations")  # the local batch is the same
+    assert main(["model-info", "--size", "vega-1.3b", "--world-size", "8", "--activation-checkpointing"]) == 0
+    ckpt = capsys.readouterr().out
+    assert _gib(ckpt, "activations (checkpointed)") < _gib(eight, "activations") / 10
+
+
+@pytest.mark.parametrize("flags", [["--world-size", "0"], ["--batch-size", "0"], ["--dtype", "fp16"],
+                                   ["--head", "cls"], ["--size", "huge"]])
+def test_model_info_bad_flags_exit_2_in_one_line(capsys, flags):
+    assert main(["model-info", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err

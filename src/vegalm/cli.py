@@ -6,7 +6,7 @@
     vegalm finetune --task rte --model runs/pt/discriminator --out runs/ft-rte
     vegalm glue --model PATH --tasks cola,sst2,mrpc,stsb,rte,wnli,qnli --seeds 3 --out runs/glue
     vegalm ablate --model PATH --tasks rte,mrpc,stsb,cola --seeds 3 --tricks vanilla,adv,all --out runs/abl
-    vegalm model-info --size vega-1.3b
+    vegalm model-info --size vega-1.3b --world-size 8 --activation-checkpointing
 
 Each area registers its own subcommands (a `register(subparsers)` function), so the
 parser for a command lives next to the code it runs. User mistakes (`VegaError`) print
@@ -40,12 +40,14 @@ def _model_info(args: argparse.Namespace) -> int:
     import torch
 
     from vegalm.model import VegaModel, config_for_size
-
     from vegalm.model.config import SIZES
+    from vegalm.model.memory import estimate_memory, memory_table
 
     if args.size not in SIZES:
         raise VegaError(f"--size {args.size}: expected one of {', '.join(SIZES)}")
     cfg = config_for_size(args.size, vocab_size=args.vocab_size)
+    est = estimate_memory(cfg, args.world_size, args.batch_size, args.seq_len, args.dtype,
+                          args.activation_checkpointing, args.head)  # fmt: skip
     with torch.device("meta"):  # no memory is allocated: shapes only
         model = VegaModel(cfg, init=False)
     total = model.num_parameters()
@@ -53,7 +55,9 @@ def _model_info(args: argparse.Namespace) -> int:
     print(
         f"{args.size}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, "
         f"FFN {cfg.intermediate_size}, vocab {cfg.vocab_size}\n"
-        f"  parameters: {total / 1e6:,.1f}M total = {(total - emb) / 1e6:,.1f}M non-embedding + {emb / 1e6:,.1f}M embedding"
+        f"  parameters: {total / 1e6:,.1f}M total = {(total - emb) / 1e6:,.1f}M non-embedding + {emb / 1e6:,.1f}M embedding\n"
+        f"  training estimate: FSDP full sharding, AdamW, head {args.head}, {args.dtype}, local batch "
+        f"{args.batch_size} x {args.seq_len} tokens\n{memory_table(est)}"
     )
     return 0
 
@@ -64,14 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser(
         "model-info",
-        help="parameter count of a size recipe (built on the meta device)",
-        description="Print the parameter count of a size recipe without allocating memory.\n\n"
-        "example: vegalm model-info --size vega-1.3b --vocab-size 128100",
+        help="parameter count and memory per rank of a size recipe (built on the meta device)",
+        description="Print the parameter count of a size recipe and an estimate of the training memory per rank "
+        "under FSDP full sharding (docs/scaling.md), without allocating memory.\n\n"
+        "example: vegalm model-info --size vega-1.3b --vocab-size 128100\n"
+        "example: vegalm model-info --size vega-1.3b --world-size 8 --batch-size 8 --seq-len 512 --activation-checkpointing",
         formatter_class=_Formatter,
     )
     # no `choices`: the size table lives in vegalm.model, whose import pulls in torch (checked in _model_info)
     p.add_argument("--size", default="tiny", help="tiny, xsmall, small, base, large or vega-1.3b")
     p.add_argument("--vocab-size", type=int, default=128100)
+    p.add_argument("--world-size", type=int, default=1, help="processes the model is sharded over (train.fsdp)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per process per micro-batch")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--dtype", default="bf16", help="compute dtype: bf16 or fp32 (train.mixed_precision)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="train.activation_checkpointing=true")
+    p.add_argument("--head", default="rtd", help="none (bare encoder), mlm (generator) or rtd (discriminator)")
     p.set_defaults(func=_model_info)
     for name in AREAS:
         try:

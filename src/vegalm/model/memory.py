@@ -231,8 +231,30 @@ def estimate_memory(cfg: EncoderConfig, world_size: int, batch: int, seq_len: in
     return out
 
 
+def memory_table(est: dict) -> str:
+    """`estimate_memory`'s result as the per-rank GiB table `vegalm model-info` prints."""
+    gib = 1024**3
+    act = "activations_checkpointed_bytes" if est["activation_checkpointing"] else "activations_bytes"
+    rows = [
+        ("parameters (fp32 shard)", est["params_bytes"]),
+        ("gradients (fp32 shard)", est["grads_bytes"]),
+        ("AdamW moments (fp32 shard)", est["optimizer_bytes"]),
+        ("gathered weights", est["gathered_bytes"]),
+        ("activations" + (" (checkpointed)" if est["activation_checkpointing"] else ""), est[act]),
+    ]
+    lines = [f"  memory per rank, world size {est['world_size']} ({est['param_elements'] / 1e6:,.1f}M of "
+             f"{est['total_elements'] / 1e6:,.1f}M parameters on rank 0):"]
+    lines += [f"    {name:<34}{b / gib:>9.2f} GiB" for name, b in rows]
+    lines.append(f"    {'total':<34}{est['total_bytes'] / gib:>9.2f} GiB")
+    other = "activations_bytes" if est["activation_checkpointing"] else "activations_checkpointed_bytes"
+    lines.append(f"    (activations {'without' if est['activation_checkpointing'] else 'with'} checkpointing: "
+                 f"{est[other] / gib:.2f} GiB)")
+    return "\n".join(lines)
+
+
 __all__ = [
     "estimate_memory",
+    "memory_table",
     "local_elements",
     "shard_elements",
     "unit_shapes",
