@@ -1,4 +1,4 @@
-"""Every `vegalm …` example a user can copy runs: each line from README.md, the Makefile and every `--help`
+"""Every `vegalm …` example a user can copy runs: each line from README.md, docs/*.md, the Makefile and every `--help`
 text (all subcommands, found by walking the real parser) must parse with argparse, and its `key=value`
 overrides must fit the dataclasses of that command (types, unknown keys and value checks, as at load time).
 
@@ -42,10 +42,19 @@ def _lines(text: str) -> list[str]:
     return text.replace("\\\n", " ").splitlines()
 
 
+def _code(markdown: str) -> str:
+    """The code of a prose page: its fenced blocks, and its inline spans that start a command (docs say "vegalm
+    writes ..." in prose, which is no example)."""
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", markdown, flags=re.S | re.M)
+    spans = re.findall(r"`((?:vegalm|torchrun|accelerate) [^`]*)`", markdown)
+    return "\n".join(blocks + spans)
+
+
 def examples() -> list[tuple[str, str]]:
     """(where, command line after `vegalm`) for every example found."""
     sources = {"README.md": (REPO / "README.md").read_text(encoding="utf-8"),
                "Makefile": (REPO / "Makefile").read_text(encoding="utf-8"),
+               **{f"docs/{p.name}": _code(p.read_text(encoding="utf-8")) for p in sorted((REPO / "docs").glob("*.md"))},
                **{f"`{k} --help`": v.split("\n\n", 1)[-1] for k, v in _help_texts().items()}}  # usage block aside
     found = []
     for where, text in sources.items():

@@ -146,10 +146,11 @@ PRETRAIN = ["-m", "vegalm.cli", "pretrain", "--recipe", str(REPO / "recipes" / "
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> dict[str, Path]:
-    """The FSDP smoke recipe three ways: uninterrupted; SIGKILLed by every process right after its first sharded
-    checkpoint (phase 1, step 6), then rerun; and two loopback nodes of one process each."""
+    """The FSDP smoke recipe four ways: uninterrupted; SIGKILLed by every process right after its first sharded
+    checkpoint (phase 1, step 6), then rerun; two loopback torchrun nodes of one process each; and two loopback
+    `accelerate launch -m vegalm.cli` machines (docs/scaling.md's forms)."""
     root = tmp_path_factory.mktemp("smoke-fsdp")
-    runs = {name: root / name for name in ("straight", "killed", "nodes")}
+    runs = {name: root / name for name in ("straight", "killed", "nodes", "accelerate")}
     proc = _torchrun.run([*PRETRAIN, "--out", str(runs["straight"])], timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     proc = _torchrun.run([*PRETRAIN, "--out", str(runs["killed"])], timeout=400, VEGALM_TEST_KILL_AFTER_SAVE="6")
@@ -162,6 +163,8 @@ def smoke(tmp_path_factory) -> dict[str, Path]:
     assert "resumed from" in proc.stderr
     for p in _torchrun.run_nodes([*PRETRAIN, "--out", str(runs["nodes"])], timeout=400):
         assert p.returncode == 0, p.stderr[-4000:]
+    for p in _torchrun.run_accelerate([*PRETRAIN, "--out", str(runs["accelerate"])], nnodes=2, timeout=400):
+        assert p.returncode == 0, p.stderr[-4000:]
     return runs
 
 
@@ -170,18 +173,19 @@ def _export(run: Path) -> dict[str, torch.Tensor]:
             for k, v in load_file(str(run / part / "model.safetensors")).items()}
 
 
-@pytest.mark.slow  # four torchrun launches of the pretraining CLI: ~2-4 min on 2 shared cores
+@pytest.mark.slow  # five launches of the pretraining CLI (two of them two-node): ~3-5 min on 2 shared cores
 def test_sigkill_after_a_sharded_checkpoint_then_resume_exports_bit_identical_weights(smoke):
     a, b = _export(smoke["straight"]), _export(smoke["killed"])
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
-def test_two_loopback_nodes_match_one_node_of_two_processes(smoke):
-    a, b = _export(smoke["straight"]), _export(smoke["nodes"])
+@pytest.mark.parametrize("launch", ["nodes", "accelerate"])
+def test_two_loopback_nodes_match_one_node_of_two_processes(smoke, launch):
+    a, b = _export(smoke["straight"]), _export(smoke[launch])
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     one = [json.loads(x)["loss"] for x in (smoke["straight"] / "phase1" / "metrics.jsonl").read_text().splitlines()]
-    two = [json.loads(x)["loss"] for x in (smoke["nodes"] / "phase1" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x)["loss"] for x in (smoke[launch] / "phase1" / "metrics.jsonl").read_text().splitlines()]
     assert one == two
 
 
