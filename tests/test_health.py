@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from vegalm.model import EncoderConfig, VegaForRTD
-from vegalm.pretrain.health import HealthCallback, HealthConfig, binary_entropy, roc_auc, rtd_stats, split_heldout
+from vegalm.pretrain.health import (HealthCallback, HealthConfig, binary_entropy, evaluate, roc_auc, rtd_stats,
+                                   split_heldout)
 from vegalm.pretrain.masking import MASKING, mask_tokens
 from vegalm.pretrain.probe import spearman
 from vegalm.pretrain.rtd import ObjectiveConfig, RTDModel, objective
@@ -53,6 +54,26 @@ def test_prior_only_discriminator_scores_zero_excess_and_chance_auc():
     perfect = rtd_stats(torch.where(y, 5.0, -5.0), y, torch.ones(5000, dtype=torch.bool))
     assert perfect["rtd_auc"] == 1.0 and perfect["rtd_precision"] == 1.0 and perfect["rtd_recall"] == 1.0
     assert perfect["rtd_excess"] < -0.3
+
+
+def test_token_cosine_tells_a_collapsed_discriminator_from_a_live_one():
+    """A discriminator whose every position carries the same vector (what the 4x128 demo candidate became: mean
+    cosine 0.99 after layer 2, logits constant to 0.004) scores ~1; a fresh one scores far lower. The metric rides
+    along the held-out evaluation, whose AUC of the collapsed model is 0.5 whatever the labels."""
+    from vegalm.pretrain.run import _collate
+
+    batch = [_collate(_segments(8))]
+    torch.manual_seed(0)
+    live = RTDModel(CFG, ObjectiveConfig(), MASK, SPECIAL)
+    fresh = evaluate(live, batch, seed=0)
+    assert fresh["heldout_token_cos"] < 0.5
+    for layer in live.discriminator.deberta.encoder.layer:  # every FFN writes one large constant vector
+        with torch.no_grad():
+            layer.output.dense.weight.zero_()
+            layer.output.dense.bias.copy_(torch.linspace(-50, 50, CFG.hidden_size))
+    dead = evaluate(live, batch, seed=0)
+    assert dead["heldout_token_cos"] > 0.99
+    assert dead["heldout_rtd_auc"] == pytest.approx(0.5, abs=0.02)
 
 
 def test_spearman():

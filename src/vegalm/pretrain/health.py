@@ -96,6 +96,37 @@ def split_heldout(n: int, k: int, seed: int) -> tuple[list[int], list[int]]:
     return torch.nonzero(mask).flatten().tolist(), sorted(held.tolist())
 
 
+class TokenCosine:
+    """Mean pairwise cosine similarity of an encoder's output vectors over the real tokens it has seen (a forward
+    hook). Near 1, every position carries the same vector: the encoder has collapsed and its head can only output
+    a constant, which is how a discriminator stuck at the prior looks from inside (docs/pretraining.md)."""
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.n = 0
+        self.mask: torch.Tensor | None = None
+
+    def hook(self, module, args, out) -> None:
+        if self.mask is None:  # only the first call per batch: phase 2's SimCSE views call the encoder again
+            return
+        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        u = torch.nn.functional.normalize(h.float()[self.mask.bool()], dim=-1)
+        self.mask = None
+        self.sum = u.sum(0) if self.sum is None else self.sum + u.sum(0)
+        self.n += u.shape[0]
+
+    def value(self) -> float:
+        if self.sum is None or self.n < 2:
+            return float("nan")
+        return float((self.sum.pow(2).sum() - self.n) / (self.n * (self.n - 1)))  # the off-diagonal mean of U U^T
+
+
+def _encoder(model):
+    """The encoder whose collapse is watched: the discriminator's (RTD) or the MLM model's."""
+    part = getattr(model, "discriminator", None) or getattr(model, "mlm", None)
+    return getattr(part, "deberta", None)
+
+
 @torch.no_grad()
 def evaluate(model, batches: list[dict], seed: int, autocast=None) -> dict[str, float]:
     """Held-out metrics of an RTDModel / MLMModel on fixed batches, with fixed masks and samples.
@@ -104,12 +135,15 @@ def evaluate(model, batches: list[dict], seed: int, autocast=None) -> dict[str, 
     device = next(model.parameters()).device
     was_training = model.training
     logits, replaced, real, mlm, n = [], [], [], 0.0, 0
+    cos, enc = TokenCosine(), _encoder(model)
+    handle = enc.register_forward_hook(cos.hook) if enc is not None else None
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         model.eval()
         try:
             for b in batches:
                 ids, am = b["input_ids"].to(device), b["attention_mask"].to(device)
+                cos.mask = am
                 with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
                     out = model(input_ids=ids, attention_mask=am)
                 mlm += out["logs"]["mlm_loss"] * len(ids)
@@ -120,7 +154,11 @@ def evaluate(model, batches: list[dict], seed: int, autocast=None) -> dict[str, 
                     real.append(am.cpu().flatten() > 0)
         finally:
             model.train(was_training)
+            if handle is not None:
+                handle.remove()
     res = {"heldout_mlm_loss": mlm / max(n, 1)}
+    if enc is not None:
+        res["heldout_token_cos"] = cos.value()
     if logits:
         stats = rtd_stats(torch.cat(logits), torch.cat(replaced), torch.cat(real))
         res.update({f"heldout_{k}": v for k, v in stats.items()})
@@ -160,5 +198,5 @@ class HealthCallback:
         return out
 
 
-__all__ = ["HealthConfig", "HealthCallback", "binary_entropy", "average_ranks", "roc_auc", "rtd_stats",
+__all__ = ["HealthConfig", "HealthCallback", "TokenCosine", "binary_entropy", "average_ranks", "roc_auc", "rtd_stats",
            "unigram_entropy", "split_heldout", "evaluate", "build_health"]

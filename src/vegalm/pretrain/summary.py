@@ -45,6 +45,7 @@ def build_summary(out: Path, pre: dict, glue: dict, wall_s: float) -> dict[str, 
         "wall_s": wall_s,
         "rtd_replaced_auc": _last(rtd_root, "heldout_rtd_auc"),
         "rtd_excess_nats": _last(rtd_root, "heldout_rtd_excess"),
+        "rtd_token_cos": _last(rtd_root, "heldout_token_cos"),  # near 1: the discriminator has collapsed
         "rtd_train_auc": _last(rtd_root, "rtd_auc"),
         "generator_loss": _last(rtd_root, "heldout_mlm_loss"),
         "unigram_entropy": _last(rtd_root, "unigram_entropy"),
