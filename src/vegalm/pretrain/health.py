@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vegalm.train.ema import unwrap
+
 
 @dataclass
 class HealthConfig:
@@ -122,7 +124,8 @@ class TokenCosine:
 
 
 def _encoder(model):
-    """The encoder whose collapse is watched: the discriminator's (RTD) or the MLM model's."""
+    """The encoder whose collapse is watched: the discriminator's (RTD) or the MLM model's, under any DDP wrapper."""
+    model = unwrap(model)
     part = getattr(model, "discriminator", None) or getattr(model, "mlm", None)
     return getattr(part, "deberta", None)
 
