@@ -17,8 +17,8 @@ from pathlib import Path
 
 
 def table(out: Path, leave_prior: float) -> str:
-    lines = ["| phase | step | tokens (M) | tok/s | train AUC | held-out AUC | held-out excess | token cos | gen loss | unigram H |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| phase | step | tokens (M) | tok/s | train AUC | held-out AUC | context AUC | held-out excess | token cos | gen loss | unigram H |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     fmt = lambda r, k, s=".3f": "-" if r.get(k) is None else format(r[k], s)  # noqa: E731
     tokens, left = 0.0, None
     for phase in ("phase1", "phase2"):
@@ -33,7 +33,7 @@ def table(out: Path, leave_prior: float) -> str:
             if left is None and (r.get("heldout_rtd_auc") or 0.0) > leave_prior:
                 left = f"{phase} step {r['step']} ({tokens / 1e6:.2f}M tokens)"
             lines.append(f"| {phase} | {r['step']} | {tokens / 1e6:.2f} | {r['tokens_per_s']:.0f} | {fmt(r, 'rtd_auc')} | "
-                         f"{fmt(r, 'heldout_rtd_auc')} | {fmt(r, 'heldout_rtd_excess')} | {fmt(r, 'heldout_token_cos')} | "
+                         f"{fmt(r, 'heldout_rtd_auc')} | {fmt(r, 'heldout_context_auc')} | {fmt(r, 'heldout_rtd_excess')} | {fmt(r, 'heldout_token_cos')} | "
                          f"{fmt(r, 'heldout_mlm_loss', '.2f')} | {fmt(r, 'unigram_entropy', '.2f')} |")  # fmt: skip
     lines += ["", f"held-out AUC first above {leave_prior}: {left or 'not reached'}"]
     return "\n".join(lines)

@@ -76,6 +76,31 @@ def test_token_cosine_tells_a_collapsed_discriminator_from_a_live_one():
     assert dead["heldout_rtd_auc"] == pytest.approx(0.5, abs=0.02)
 
 
+def test_context_auc_gives_token_identity_nothing():
+    """Against the generator's samples a detector that only knows token identity ("rare = replaced") beats chance;
+    against replacements drawn from the corpus's own unigram distribution (what heldout_context_auc uses) it
+    cannot, so that AUC measures context alone. Zipfian segments, a fresh (near-uniform) generator."""
+    from vegalm.pretrain.health import unigram_distribution, unigram_entropy
+
+    g = torch.Generator().manual_seed(0)
+    zipf = 1.0 / torch.arange(1, 296, dtype=torch.float64)
+    ids = torch.multinomial(zipf / zipf.sum(), 64 * 48, replacement=True, generator=g).view(64, 48) + 5
+    ids[:, 0], ids[:, -1] = 1, 2
+    am = torch.ones_like(ids)
+    u = unigram_distribution(ids.numpy(), SPECIAL, 300)
+    assert u[:5].sum() == 0 and float(u.sum()) == pytest.approx(1.0)
+    assert unigram_entropy(u) < math.log(295)
+    torch.manual_seed(0)
+    model = RTDModel(CFG, ObjectiveConfig(), MASK, SPECIAL).eval()
+    rarity = -u.clamp_min(1e-12).log().float()  # the identity-only detector's score per token id
+    with torch.no_grad():
+        gen = model(input_ids=ids, attention_mask=am)
+        ctx = model(input_ids=ids, attention_mask=am, replace_from=u)
+    assert roc_auc(rarity[gen["corrupted"]], gen["replaced"]) > 0.7
+    assert roc_auc(rarity[ctx["corrupted"]], ctx["replaced"]) == pytest.approx(0.5, abs=0.03)
+    assert 0.10 < ctx["replaced"].float().mean() < 0.16  # 15% selected, fewer where the draw equals the original
+
+
 def test_spearman():
     x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     assert spearman(x, x ** 3) == pytest.approx(1.0)
@@ -183,14 +208,17 @@ def test_heldout_metrics_logged_every_eval_interval(tmp_path):
         t.train()
         return t.model.state_dict(), [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
-    cb = HealthCallback(held, HealthConfig(eval_every=4), unigram=5.0)
+    uniform = torch.zeros(300, dtype=torch.float64)
+    uniform[5:] = 1 / 295  # the segments' tokens
+    cb = HealthCallback(held, HealthConfig(eval_every=4), unigram=uniform)
     with_eval, rows = run(tmp_path / "a", [cb])
     without, _ = run(tmp_path / "b", [])
     for k in with_eval:
         assert torch.equal(with_eval[k], without[k]), k
     assert [r["step"] for r in rows if "heldout_rtd_auc" in r] == [4, 6]
+    assert all(0.0 <= r["heldout_context_auc"] <= 1.0 for r in rows if "heldout_rtd_auc" in r)
     assert all(0.0 <= r["rtd_auc"] <= 1.0 and "rtd_excess" in r and "rtd_precision" in r for r in rows)
-    assert all(r["gen_excess_unigram"] == pytest.approx(r["mlm_loss"] - 5.0) for r in rows)
+    assert all(r["gen_excess_unigram"] == pytest.approx(r["mlm_loss"] - math.log(295)) for r in rows)
     assert (tmp_path / "a" / "tb").is_dir()
 
 

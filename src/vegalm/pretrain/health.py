@@ -77,15 +77,20 @@ def rtd_stats(logits: torch.Tensor, replaced: torch.Tensor, real: torch.Tensor) 
     }
 
 
-def unigram_entropy(input_ids: np.ndarray, special_ids: tuple[int, ...], vocab_size: int) -> float:
-    """Entropy (nats) of the corpus's token distribution over non-special tokens: the loss of a generator
-    that ignores context, which a learning generator must go below."""
+def unigram_distribution(input_ids: np.ndarray, special_ids: tuple[int, ...], vocab_size: int) -> torch.Tensor:
+    """The corpus's token frequencies over non-special tokens (float64, sums to 1)."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     for start in range(0, len(input_ids), 8192):  # chunks: the memmap is never read whole into memory
         counts += np.bincount(np.asarray(input_ids[start : start + 8192]).ravel(), minlength=vocab_size)[:vocab_size]
     counts[list(special_ids)] = 0
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    return torch.from_numpy(counts / counts.sum())
+
+
+def unigram_entropy(p: torch.Tensor) -> float:
+    """Entropy (nats) of a unigram distribution: the loss of a generator that ignores context, which a learning
+    generator must go below."""
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
 
 
 def split_heldout(n: int, k: int, seed: int) -> tuple[list[int], list[int]]:
@@ -131,13 +136,18 @@ def _encoder(model):
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[dict], seed: int, autocast=None) -> dict[str, float]:
+def evaluate(model, batches: list[dict], seed: int, autocast=None, unigram: torch.Tensor | None = None) -> dict[str, float]:
     """Held-out metrics of an RTDModel / MLMModel on fixed batches, with fixed masks and samples.
 
-    The global RNG is forked, so training draws the same masks as without the evaluation."""
+    With `unigram` (the corpus's token distribution), an RTD model also gets `heldout_context_auc`: the AUC against
+    replacements drawn from that distribution instead of from the generator. A token is then as likely to be a
+    replacement as an original whatever its identity, so only context can score above 0.5; the generator's samples
+    let a discriminator score from rare tokens alone. The global RNG is forked, so training draws the same masks as
+    without the evaluation."""
     device = next(model.parameters()).device
     was_training = model.training
     logits, replaced, real, mlm, n = [], [], [], 0.0, 0
+    ctx_logits, ctx_replaced = [], []
     cos, enc = TokenCosine(), _encoder(model)
     handle = enc.register_forward_hook(cos.hook) if enc is not None else None
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
@@ -155,6 +165,11 @@ def evaluate(model, batches: list[dict], seed: int, autocast=None) -> dict[str, 
                     logits.append(out["disc_logits"].float().cpu().flatten())
                     replaced.append(out["replaced"].cpu().flatten())
                     real.append(am.cpu().flatten() > 0)
+                    if unigram is not None:
+                        with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
+                            ctx = model(input_ids=ids, attention_mask=am, replace_from=unigram.to(device))
+                        ctx_logits.append(ctx["disc_logits"].float().cpu().flatten())
+                        ctx_replaced.append(ctx["replaced"].cpu().flatten())
         finally:
             model.train(was_training)
             if handle is not None:
@@ -165,6 +180,9 @@ def evaluate(model, batches: list[dict], seed: int, autocast=None) -> dict[str, 
     if logits:
         stats = rtd_stats(torch.cat(logits), torch.cat(replaced), torch.cat(real))
         res.update({f"heldout_{k}": v for k, v in stats.items()})
+    if ctx_logits:
+        mask = torch.cat(real)
+        res["heldout_context_auc"] = roc_auc(torch.cat(ctx_logits)[mask], torch.cat(ctx_replaced)[mask])
     return res
 
 
@@ -175,7 +193,7 @@ def build_health(cfg: HealthConfig, store, collate, special_ids: tuple[int, ...]
     train_idx, held_idx = split_heldout(len(store), cfg.heldout_segments, cfg.seed)
     batches = [collate([store[i] for i in held_idx[j : j + cfg.eval_batch_size]])
                for j in range(0, len(held_idx), cfg.eval_batch_size)]  # fmt: skip
-    unigram = unigram_entropy(store.input_ids, special_ids, vocab_size)  # the whole corpus, held-out included
+    unigram = unigram_distribution(store.input_ids, special_ids, vocab_size)  # the whole corpus, held-out included
     return (Subset(store, train_idx) if held_idx else store), HealthCallback(batches, cfg, unigram)
 
 
@@ -183,8 +201,9 @@ class HealthCallback:
     """Trainer callback: adds the unigram baseline to every log line, the held-out metrics every
     `eval_every` steps (logged to metrics.jsonl and TensorBoard with the rest of the line)."""
 
-    def __init__(self, heldout_batches: list[dict], cfg: HealthConfig, unigram: float | None):
-        self.batches, self.cfg, self.unigram = heldout_batches, cfg, unigram
+    def __init__(self, heldout_batches: list[dict], cfg: HealthConfig, unigram: torch.Tensor | None):
+        self.batches, self.cfg, self.distribution = heldout_batches, cfg, unigram
+        self.unigram = unigram_entropy(unigram) if unigram is not None else None
         self.last_eval: dict[str, float] = {}
 
     def extra_metrics(self, trainer, metrics: dict) -> dict[str, float]:
@@ -196,10 +215,11 @@ class HealthCallback:
         step, every, window = trainer.step, self.cfg.eval_every, trainer.cfg.log_every
         crossed = every > 0 and step // every != max(step - window, 0) // every
         if self.batches and (crossed or step == trainer.max_steps):
-            self.last_eval = evaluate(trainer.model, self.batches, self.cfg.seed, trainer.accelerator.autocast)
+            self.last_eval = evaluate(trainer.model, self.batches, self.cfg.seed, trainer.accelerator.autocast,
+                                      self.distribution)
             out.update(self.last_eval)
         return out
 
 
 __all__ = ["HealthConfig", "HealthCallback", "TokenCosine", "binary_entropy", "average_ranks", "roc_auc", "rtd_stats",
-           "unigram_entropy", "split_heldout", "evaluate", "build_health"]
+           "unigram_distribution", "unigram_entropy", "split_heldout", "evaluate", "build_health"]

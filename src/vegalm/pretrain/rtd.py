@@ -114,16 +114,22 @@ class RTDModel(_Base):
         self.cl_head = ProjectionHead(discriminator.config.hidden_size) if obj.cl_weight > 0 and obj.cl_projection else None
         return self
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> dict:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, replace_from: torch.Tensor | None = None,
+                **_) -> dict:  # fmt: skip
+        """replace_from: a token distribution to draw the replacements from instead of the generator (health.py's
+        context-only AUC); the generator still runs, so every process takes the same path under FSDP."""
         o = self.obj
         vocab = self.generator.config.vocab_size
         masked, labels = self._mask(input_ids, attention_mask, vocab)
         gen = self.generator(masked, attention_mask, labels=labels)
         sel = gen["masked_positions"]
         with torch.no_grad():
-            logits = gen.logits.float() / max(o.sample_temperature, 1e-6)
-            gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_(1e-20, 1.0)))
-            sampled = (logits + gumbel).argmax(-1)
+            if replace_from is not None:
+                sampled = torch.multinomial(replace_from.float(), sel.numel(), replacement=True) if sel.numel() else sel
+            else:
+                logits = gen.logits.float() / max(o.sample_temperature, 1e-6)
+                gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_(1e-20, 1.0)))
+                sampled = (logits + gumbel).argmax(-1)
             corrupted = input_ids.flatten().index_put((sel,), sampled).view_as(input_ids)
             replaced = (corrupted != input_ids) & (attention_mask > 0)
         disc_out = self.discriminator(corrupted, attention_mask, labels=replaced, output_hidden_states=False)
@@ -145,7 +151,7 @@ class RTDModel(_Base):
             loss = loss + o.cl_weight * cl
             logs.update(cl_loss=cl.item(), cl_acc=acc)
         return {"loss": loss, "logs": logs, "disc_logits": disc_out.logits.detach(), "replaced": replaced,
-                "terms": {"mlm": gen.loss, "rtd": disc_out.loss}}  # the separate losses (tests of GDES' routing)
+                "corrupted": corrupted, "terms": {"mlm": gen.loss, "rtd": disc_out.loss}}  # the separate losses (tests of GDES' routing)
 
     def _contrastive(self, input_ids, attention_mask, corrupted):
         enc = self.discriminator.deberta

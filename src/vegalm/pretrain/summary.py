@@ -45,6 +45,7 @@ def build_summary(out: Path, pre: dict, glue: dict, wall_s: float) -> dict[str, 
         "wall_s": wall_s,
         "rtd_replaced_auc": _last(rtd_root, "heldout_rtd_auc"),
         "rtd_excess_nats": _last(rtd_root, "heldout_rtd_excess"),
+        "rtd_context_auc": _last(rtd_root, "heldout_context_auc"),  # against unigram replacements: context only
         "rtd_token_cos": _last(rtd_root, "heldout_token_cos"),  # near 1: the discriminator has collapsed
         "rtd_train_auc": _last(rtd_root, "rtd_auc"),
         "generator_loss": _last(rtd_root, "heldout_mlm_loss"),
@@ -74,6 +75,9 @@ def write_summary(out: Path, pre: dict, glue: dict, wall_s: float) -> dict[str, 
     return s
 
 
+LABELS = {"heldout_rtd_": "held-out", "rtd_": "train", "heldout_context_": "held-out, unigram replacements"}
+
+
 def plot_health(out: Path, runs: dict[str, Path]) -> str | None:
     """curve_health.png: held-out replaced-token AUC and excess loss of the RTD run over its steps."""
     import matplotlib
@@ -89,11 +93,12 @@ def plot_health(out: Path, runs: dict[str, Path]) -> str | None:
     for ax, key, title in ((axes[0], "auc", "replaced-token AUC"), (axes[1], "excess", "RTD loss - prior entropy (nats)")):
         offset = 0
         for phase in ("phase1", "phase2"):
-            for prefix, style in (("heldout_rtd_", "-o"), ("rtd_", ":")):
+            series = (("heldout_rtd_", "-o"), ("rtd_", ":")) + ((("heldout_context_", "-s"),) if key == "auc" else ())
+            for prefix, style in series:
                 rows = _rows(root / phase / "metrics.jsonl", prefix + key)
                 if rows:
                     ax.plot([offset + r["step"] for r in rows], [r[prefix + key] for r in rows], style, markersize=3,
-                            label=f"{phase} {'held-out' if prefix.startswith('heldout') else 'train'}")  # fmt: skip
+                            label=f"{phase} {LABELS[prefix]}")  # fmt: skip
                     drawn = True
             done = root / phase / "done.json"
             if done.is_file():
@@ -113,8 +118,10 @@ def report_lines(s: dict, figure: str | None) -> list[str]:
     """The report's health / STS-B / GLUE-with-uncertainty section."""
     f = lambda x, spec=".3f": "-" if x is None else format(x, spec)  # noqa: E731
     lines = ["## Pretraining health (held-out segments)", "",
-             f"Replaced-token AUC {f(s['rtd_replaced_auc'])} (0.5 = chance), excess loss over the prior "
-             f"{f(s['rtd_excess_nats'])} nats (< 0: better than predicting the base rate), generator loss "
+             f"Replaced-token AUC {f(s['rtd_replaced_auc'])} (0.5 = chance), against unigram replacements (context "
+             f"only) {f(s.get('rtd_context_auc'))}, excess loss over the prior "
+             f"{f(s['rtd_excess_nats'])} nats (< 0: better than predicting the base rate), mean cosine between the "
+             f"discriminator's output vectors {f(s.get('rtd_token_cos'))} (near 1: collapsed), generator loss "
              f"{f(s['generator_loss'])} vs the corpus unigram entropy {f(s['unigram_entropy'])} nats.", ""]  # fmt: skip
     if figure:
         lines += [f"![health]({figure})", ""]
