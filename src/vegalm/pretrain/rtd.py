@@ -151,7 +151,8 @@ class RTDModel(_Base):
             loss = loss + o.cl_weight * cl
             logs.update(cl_loss=cl.item(), cl_acc=acc)
         return {"loss": loss, "logs": logs, "disc_logits": disc_out.logits.detach(), "replaced": replaced,
-                "corrupted": corrupted, "terms": {"mlm": gen.loss, "rtd": disc_out.loss}}  # the separate losses (tests of GDES' routing)
+                "corrupted": corrupted,
+                "terms": {"mlm": gen.loss, "rtd": disc_out.loss}}  # the separate losses (tests of GDES' routing)
 
     def _contrastive(self, input_ids, attention_mask, corrupted):
         enc = self.discriminator.deberta
