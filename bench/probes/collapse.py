@@ -25,8 +25,7 @@ from vegalm.pretrain.run import RecipeConfig, _collate, prepare_data
 def cosine(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
     """(mean pairwise cosine, mean norm) of x's vectors at the real tokens."""
     tc = TokenCosine()
-    tc.mask = mask
-    tc.hook(None, None, (x,))
+    tc.add(x, mask)
     return tc.value(), float(x.float()[mask.bool()].norm(dim=-1).mean())
 
 
@@ -60,8 +59,7 @@ def main() -> None:
         out = model(input_ids=batch["input_ids"], attention_mask=mask)
         emb = model.discriminator.deberta.embeddings(batch["input_ids"], mask=mask)
     print(f"{'where':36s} {'cosine':>8s} {'norm':>8s}")
-    print(f"{'embeddings':36s} {cosine(emb, mask)[0]:8.3f} {cosine(emb, mask)[1]:8.1f}")  # noqa: E231
-    for name, c, n in rows:
+    for name, c, n in [("embeddings", *cosine(emb, mask)), *rows]:
         print(f"{name:36s} {c:8.3f} {n:8.1f}")
     real = mask.bool()
     logits, replaced = out["disc_logits"].float(), out["replaced"]

@@ -113,14 +113,17 @@ class TokenCosine:
         self.n = 0
         self.mask: torch.Tensor | None = None
 
+    def add(self, h: torch.Tensor, mask: torch.Tensor) -> None:
+        """Count the vectors h[mask] ([B, L, H] and [B, L])."""
+        u = torch.nn.functional.normalize(h.float()[mask.bool()], dim=-1)
+        self.sum = u.sum(0) if self.sum is None else self.sum + u.sum(0)
+        self.n += u.shape[0]
+
     def hook(self, module, args, out) -> None:
         if self.mask is None:  # only the first call per batch: phase 2's SimCSE views call the encoder again
             return
-        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        u = torch.nn.functional.normalize(h.float()[self.mask.bool()], dim=-1)
+        self.add(out.last_hidden_state, self.mask)
         self.mask = None
-        self.sum = u.sum(0) if self.sum is None else self.sum + u.sum(0)
-        self.n += u.shape[0]
 
     def value(self) -> float:
         if self.sum is None or self.n < 2:
