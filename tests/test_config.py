@@ -223,5 +223,6 @@ def test_bare_run_says_what_it_is_about_to_run(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     assert main(["run"]) == 0
     out = capsys.readouterr().out
-    assert "recipe recipes/tiny.yaml -> runs/demo" in out and "phase1: " in out and "estimated" in out, out
+    assert "recipe recipes/tiny.yaml -> runs/demo" in out and "phase1: " in out and "seed(s)" in out, out
     assert seen["args"][:2] == ("recipes/tiny.yaml", "runs/demo") and seen["kw"]["retrain"] is False
+    assert seen["kw"]["jobs"] == min(2, os.cpu_count() or 1)  # both pretrainings side by side on 2+ cores

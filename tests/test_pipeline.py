@@ -2,9 +2,10 @@
 
 The first run trains the tokenizer, RTD (+ SimCSE) and the MLM baseline, fine-tunes both on RTE and STS-B and
 writes the report; every artefact is then opened and checked (transformers loads the exported model with no
-missing or unexpected keys, the submission zip has the 11 leaderboard files, the PNGs decode). The second,
-identical run must skip every finished stage: no checkpoint, segment store, tokenizer or fine-tuning result
-is rewritten.
+missing or unexpected keys, the submission zip has the 11 leaderboard files, the PNGs decode). The first run
+takes the default --jobs (2 on 2+ cores: worker processes, side by side); the second, identical but with
+--jobs 1 (in turn, in-process), must skip every finished stage: no checkpoint, segment store, tokenizer or
+fine-tuning result is rewritten.
 
 Marked slow: the first run takes 3.5-4.5 minutes on 2 shared CPU cores (measured), over the 2-minute budget of
 the fast suite.
@@ -35,12 +36,12 @@ TASKS = ["rte", "stsb"]  # recipes/smoke.yaml glue.tasks
 MODELS = {"rtd": "discriminator", "mlm": "encoder"}
 
 
-def vegalm_run(out: Path) -> tuple[subprocess.CompletedProcess, float]:
+def vegalm_run(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0")
     env["PYTHONPATH"] = str(REPO / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "vegalm.cli", "run", "--recipe", "recipes/smoke.yaml",
-                           "--out", str(out)], capture_output=True, text=True, env=env, cwd=REPO, timeout=1500)
+                           "--out", str(out), *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=1500)
     return proc, time.perf_counter() - t0
 
 
@@ -61,13 +62,13 @@ def frozen_files(out: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    first, t_first = vegalm_run(out)
+    first, t_first = vegalm_run(out)  # --jobs 2 on 2+ cores: both pretrainings side by side, in workers
     assert first.returncode == 0, first.stderr[-4000:]
     frozen = frozen_files(out)
     assert all(f.is_file() for f in frozen), [str(f) for f in frozen if not f.is_file()]
     stamps = {f: f.stat().st_mtime_ns for f in frozen}
     weights = (out / "rtd" / "discriminator" / "model.safetensors").read_bytes()
-    second, t_second = vegalm_run(out)
+    second, t_second = vegalm_run(out, "--jobs", "1")  # in turn, in-process: must find the same finished stages
     assert second.returncode == 0, second.stderr[-4000:]
     print(f"first run {t_first:.0f} s, second run {t_second:.0f} s")
     return {"out": out, "first": first, "second": second, "t": (t_first, t_second), "stamps": stamps,

@@ -117,22 +117,11 @@ def _submission_preds(task: str, run_out: Path, test_rows: dict, logits: np.ndar
     return out
 
 
-def run_glue(
-    model: str,
-    tasks: str | list[str],
-    seeds: int | str | list[int] = 3,
-    out: str | Path = "runs/glue",
-    *,
-    ensemble: bool = False,
-    skip_missing: bool = False,
-    **overrides: Any,
-) -> dict[str, Any]:
-    """Run every task x seed (cached runs are read back), aggregate, write the report and submission.
-
-    `overrides` are FinetuneConfig fields for every run; `progress=False` also hides the sweep's bar."""
-    from tqdm.auto import tqdm
-
-    t0 = time.perf_counter()
+def plan_glue(model: str, tasks: str | list[str], seeds: int | str | list[int] = 3, out: str | Path = "runs/glue",
+              *, skip_missing: bool = False, **overrides: Any) -> dict[str, Any]:  # fmt: skip
+    """The sweep's runs, checked before any training: {"tasks", "seeds", "skipped", "overrides", "glue_dir",
+    "progress", "runs": {(task, seed): FinetuneConfig}}. `vegalm run --jobs 2` trains these configs in worker
+    processes; `run_glue` then reads them back (a run's cache key is its config)."""
     task_list, seed_list = parse_tasks(tasks), parse_seeds(seeds)
     overrides = flat_settings(overrides)  # train.seed= is seed=: refused alike
     taken = [k for k in SET_BY_SWEEP if k in overrides]
@@ -153,23 +142,42 @@ def run_glue(
             log.warning("%s skipped: no training file %s", task, train)
     if not task_list:
         raise VegaError(f"no task has training data under {glue_dir}")
+    runs = {(task, seed): from_dict(FinetuneConfig, {**base, "task": task, "model": model,
+                                                     "out": str(Path(out) / task / f"seed{seed}"), "seed": seed})
+            for task in task_list for seed in seed_list}  # fmt: skip
+    return {"tasks": task_list, "seeds": seed_list, "skipped": skipped, "overrides": overrides,
+            "glue_dir": glue_dir, "progress": probe.train.progress, "runs": runs}  # fmt: skip
 
-    out = Path(out)
+
+def run_glue(
+    model: str,
+    tasks: str | list[str],
+    seeds: int | str | list[int] = 3,
+    out: str | Path = "runs/glue",
+    *,
+    ensemble: bool = False,
+    skip_missing: bool = False,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Run every task x seed (cached runs are read back), aggregate, write the report and submission.
+
+    `overrides` are FinetuneConfig fields for every run; `progress=False` also hides the sweep's bar."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    plan = plan_glue(model, tasks, seeds, out, skip_missing=skip_missing, **overrides)
+    task_list, seed_list, skipped, overrides = plan["tasks"], plan["seeds"], plan["skipped"], plan["overrides"]
+    glue_dir, out = plan["glue_dir"], Path(out)
     runs: dict[str, dict[int, dict]] = {t: {} for t in task_list}
-    bar = tqdm(total=len(task_list) * len(seed_list), desc="glue runs", unit="run",
-               disable=not probe.train.progress)
+    bar = tqdm(total=len(plan["runs"]), desc="glue runs", unit="run", disable=not plan["progress"])
     try:
-        for task in task_list:
-            for seed in seed_list:
-                bar.set_postfix_str(f"{task} seed {seed}")
-                run_out = out / task / f"seed{seed}"
-                cfg = from_dict(FinetuneConfig,
-                                {**base, "task": task, "model": model, "out": str(run_out), "seed": seed})
-                res = run_finetune(cfg)
-                runs[task][seed] = {**res, "out": str(run_out)}
-                bar.update(1)
-                note = " (cached)" if res["cached"] else ""
-                bar.set_postfix_str(f"{task} seed {seed}: {res['dev_score']:.2f}{note}")
+        for (task, seed), cfg in plan["runs"].items():
+            bar.set_postfix_str(f"{task} seed {seed}")
+            res = run_finetune(cfg)
+            runs[task][seed] = {**res, "out": cfg.out}
+            bar.update(1)
+            note = " (cached)" if res["cached"] else ""
+            bar.set_postfix_str(f"{task} seed {seed}: {res['dev_score']:.2f}{note}")
     finally:
         bar.close()
 

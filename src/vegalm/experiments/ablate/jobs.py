@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from vegalm.experiments.ablate.summary import ANCHOR_MODEL, summarize, write_rep
 from vegalm.finetune.naming import model_tag
 from vegalm.finetune.stages.self_training import PSEUDO_FRACTION
 from vegalm.io import write_if_changed
+from vegalm.workers import process_pool
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,8 @@ def _run_and_record(combo: Combo, task: str, seed: int, ctx: dict) -> tuple[dict
     return rec, n
 
 
-def _run_job(job: list[tuple[Combo, str, int]], ctx: dict, threads: int | None) -> list[tuple[dict, int]]:
-    """A parallel worker's job (a fresh spawned process): its runs in order, each record written as it ends."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+def _run_job(job: list[tuple[Combo, str, int]], ctx: dict) -> list[tuple[dict, int]]:
+    """A parallel worker's job (in a vegalm.workers process): its runs in order, each record written as it ends."""
     return [_run_and_record(combo, task, seed, ctx) for combo, task, seed in job]
 
 
@@ -102,16 +97,13 @@ def _run_parallel(jobs: list, ctx: dict, n_workers: int, bar) -> tuple[list[dict
     """Run `jobs` in `n_workers` spawned processes: (records, runs trained, failed jobs). A failed job
     does not stop the others."""
     import concurrent.futures as cf
-    import multiprocessing as mp
 
-    # CPU: split the cores between workers, unless the user pinned threads (OMP_NUM_THREADS)
-    threads = None if os.environ.get("OMP_NUM_THREADS") else max(1, (os.cpu_count() or 1) // n_workers)
     records: list[dict] = []
     trained = 0
     failed: list[str] = []
-    pool = cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=mp.get_context("spawn"))
+    pool = process_pool(n_workers)
     try:
-        futures = {pool.submit(_run_job, job, ctx, threads): job for job in jobs}
+        futures = {pool.submit(_run_job, job, ctx): job for job in jobs}
         for fut in cf.as_completed(futures):
             job = futures[fut]
             try:

@@ -1,0 +1,46 @@
+"""vegalm.workers: the process pool that `vegalm run --jobs` and `vegalm ablate --jobs` share."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import pytest
+import torch
+
+from vegalm.workers import process_pool, stop_pool, threads_per_worker
+
+
+def test_threads_split_the_cores_unless_pinned(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert [threads_per_worker(n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads_per_worker(2) is None
+
+
+def test_workers_get_their_share_of_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)  # read in this process, where the pool is made
+    pool = process_pool(2)
+    try:
+        assert pool.submit(torch.get_num_threads).result(timeout=120) == 2
+    finally:
+        pool.shutdown()
+
+
+def test_stop_pool_ends_a_running_job_at_once():
+    """A failed job must not leave the caller waiting for a long one still running (shutdown alone would)."""
+    pool = process_pool(2)
+    slow = pool.submit(time.sleep, 300)
+    bad = pool.submit(int, "not a number")
+    with pytest.raises(ValueError):
+        bad.result(timeout=120)
+    t0 = time.perf_counter()
+    procs = list(pool._processes.values())
+    stop_pool(pool)
+    for proc in procs:
+        proc.join(timeout=30)
+    assert time.perf_counter() - t0 < 30 and not any(p.is_alive() for p in procs)
+    with pytest.raises((cf.CancelledError, cf.process.BrokenProcessPool)):
+        slow.result(timeout=30)
