@@ -188,8 +188,10 @@ class SendSignal:
     def on_step_end(self, trainer, step):
         if step in self.steps:
             for i in range(self.times):
-                if i:  # standard signals do not queue: two kills in a row can arrive as one, so let the
-                    time.sleep(0.2)  # handler run first (a sleeping main thread runs it at once)
+                if i:  # standard signals do not queue: two kills in a row can arrive as one, so wait until the
+                    deadline = time.monotonic() + 10  # handler has seen the first (a fixed 0.2 s sleep was not
+                    while not trainer._stop.pending and time.monotonic() < deadline:  # enough on a loaded CI)
+                        time.sleep(0.01)
                 os.kill(os.getpid(), self.sig)
 
 
