@@ -151,6 +151,40 @@ def test_sigterm_pretrain_says_how_to_resume_then_rerun_is_bit_exact(setup, tmp_
     assert kr.differences(setup.ref, out) == []
 
 
+@pytest.mark.slow
+def test_sigterm_run_with_two_workers_checkpoints_both_then_resumes(setup, tmp_path):
+    """`vegalm run --jobs 2` SIGTERMed, the parent only (as a scheduler would): it forwards the signal, both
+    pretraining workers checkpoint at their next step, it waits for them and exits 143 with one line; the same
+    command then resumes both pretrainings and finishes. ~2 minutes on 2 shared cores."""
+    out = tmp_path / "run"
+    data = [a for a in setup.extra if a.startswith(("data.corpus=", "data.tokenizer="))]
+    extra = [*data, "data.num_proc=1", "data.seq_len=32", "phase1.train.max_steps=1500", "phase1.train.save_every=1000",
+             "phase1.train.log_every=5", "phase1.train.batch_size=8"]  # fmt: skip
+    cmd = kr.cli("run", "--recipe", SMOKE, "--out", str(out), "--jobs", "2", *extra)
+    log = tmp_path / "term.log"
+    proc = kr._launch(cmd, log, setup.env)
+    metrics = [out / name / "phase1" / "metrics.jsonl" for name in ("rtd", "mlm")]
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if all(f.is_file() and f.read_text().strip() for f in metrics):  # both workers are training
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=240)
+    text = log.read_text()
+    assert rc == 143 and "Traceback" not in text, text[-3000:]
+    assert [ln for ln in text.splitlines() if ln.startswith("interrupted")] == [
+        "interrupted: the workers stopped at a step boundary (pretraining saved a checkpoint); run the same "
+        "command again to resume"], text[-3000:]
+    for name in ("rtd", "mlm"):
+        ckpt = latest_checkpoint(out / name / "phase1" / "checkpoints")
+        assert ckpt is not None and not (out / name / "phase1" / "done.json").exists(), name
+    rc, _ = kr.run_to_end(cmd, tmp_path / "rerun.log", setup.env, timeout=600)
+    rerun = (tmp_path / "rerun.log").read_text()
+    assert rc == 0 and (out / "summary.json").is_file(), rerun[-3000:]
+    assert rerun.count("resumed from ") == 2, rerun[-3000:]
+
+
 def test_exported_files_follow_hf_conventions(setup):
     """The reference run's real export: config.json says which transformers wrote it and has no stale
     torch_dtype; tokenizer_config.json holds no loading-time keys; both folders load in transformers."""

@@ -44,3 +44,17 @@ def test_stop_pool_ends_a_running_job_at_once():
     assert time.perf_counter() - t0 < 30 and not any(p.is_alive() for p in procs)
     with pytest.raises((cf.CancelledError, cf.process.BrokenProcessPool)):
         slow.result(timeout=30)
+
+
+def test_stop_pool_with_grace_lets_running_jobs_end_on_their_own():
+    """After Ctrl-C the workers stop by themselves (they got the SIGINT too); a SIGTERM then would cut them short."""
+    pool = process_pool(2)
+    running = [pool.submit(time.sleep, 3), pool.submit(time.sleep, 3)]
+    for _ in range(200):  # both workers started their 3-second job
+        if all(f.running() for f in running):
+            break
+        time.sleep(0.05)
+    procs = list(pool._processes.values())
+    stop_pool(pool, grace_s=60)
+    assert [p.exitcode for p in procs] == [0, 0]  # ended normally, not by SIGTERM (-15)
+    assert [f.result() for f in running] == [None, None]

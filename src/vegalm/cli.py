@@ -21,6 +21,7 @@ import logging
 import sys
 
 from vegalm.errors import Interrupted, VegaError
+from vegalm.workers import LOG_FORMAT
 
 # Modules that add subcommands. A module that is missing (work in progress) is skipped.
 AREAS = (
@@ -110,7 +111,7 @@ def _debug_everywhere(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if not getattr(args, "func", None):
         ap.print_help()
         return 2

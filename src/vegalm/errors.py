@@ -20,3 +20,13 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class WorkersInterrupted(Interrupted):
+    """SIGINT / SIGTERM stopped `vegalm run --jobs N`: its workers stopped at a step boundary (pretraining saves a
+    checkpoint there) and the parent waited for them."""
+
+    def __init__(self, signum: int):
+        self.step, self.checkpoint, self.signum = None, None, signum
+        KeyboardInterrupt.__init__(self, "interrupted: the workers stopped at a step boundary (pretraining saved a "
+                                         "checkpoint); run the same command again to resume")

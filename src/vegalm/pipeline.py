@@ -24,12 +24,13 @@ import html
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vegalm.errors import VegaError
+from vegalm.errors import VegaError, WorkersInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ def _side_by_side(models: dict[str, RecipeConfig], out: Path, retrain: bool, job
     from vegalm.experiments.glue import plan_glue, run_glue
     from vegalm.finetune.run import run_finetune
     from vegalm.pretrain.run import prepare_data
+    from vegalm.train.interrupt import StopSignals
     from vegalm.workers import process_pool, stop_pool, threads_per_worker
 
     _stage("tokenizer and packed segments (shared by both models)")
@@ -144,22 +146,28 @@ def _side_by_side(models: dict[str, RecipeConfig], out: Path, retrain: bool, job
     pre: dict[str, dict] = {}
     pool = process_pool(jobs, log_level=logging.getLogger().getEffectiveLevel())
     try:
-        todo = {pool.submit(_pretrain, _quiet(rc), out, name, retrain): (name, None) for name, rc in models.items()}
-        while todo:
-            finished, _ = cf.wait(todo, timeout=10, return_when=cf.FIRST_COMPLETED)
-            steps.update(_steps_done(out, models) - steps.n)
-            for fut in finished:
-                name, run = todo.pop(fut)
-                res = fut.result()  # a failed job stops the others (finally) and raises here
-                if run is None:  # a model is exported: queue its fine-tuning runs
-                    pre[name] = res
-                    plan = plan_glue(res["model_path"], g.tasks, g.seeds, out / "glue" / name,
-                                     **{**g.settings, "progress": False})  # fmt: skip
-                    todo.update({pool.submit(run_finetune, c): (name, key) for key, c in plan["runs"].items()})
-                else:
-                    runs.update(1)
-                    runs.set_postfix_str(f"{name} {run[0]} seed {run[1]}: {res['dev_score']:.2f}")
-    except BaseException:
+        with StopSignals() as stop:  # SIGINT / SIGTERM: stop the workers at a step boundary, then raise
+            todo = {pool.submit(_pretrain, _quiet(rc), out, name, retrain): (name, None) for name, rc in models.items()}
+            while todo:
+                finished, _ = cf.wait(todo, timeout=1, return_when=cf.FIRST_COMPLETED)
+                steps.update(_steps_done(out, models) - steps.n)
+                if stop.pending:
+                    stop.acknowledge()
+                    # a terminal's Ctrl-C reached the workers too; a SIGTERM may have been sent to this process only
+                    stop_pool(pool, grace_s=120, forward=signal.SIGTERM if stop.pending == signal.SIGTERM else None)
+                    raise WorkersInterrupted(stop.pending)
+                for fut in finished:
+                    name, run = todo.pop(fut)
+                    res = fut.result()  # a failed job stops the others (below) and raises here
+                    if run is None:  # a model is exported: queue its fine-tuning runs
+                        pre[name] = res
+                        plan = plan_glue(res["model_path"], g.tasks, g.seeds, out / "glue" / name,
+                                         **{**g.settings, "progress": False})  # fmt: skip
+                        todo.update({pool.submit(run_finetune, c): (name, key) for key, c in plan["runs"].items()})
+                    else:
+                        runs.update(1)
+                        runs.set_postfix_str(f"{name} {run[0]} seed {run[1]}: {res['dev_score']:.2f}")
+    except BaseException:  # a failed job, or a second signal: SIGTERM the workers (they checkpoint and exit)
         stop_pool(pool)
         raise
     finally:

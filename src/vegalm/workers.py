@@ -1,8 +1,8 @@
 """Independent jobs side by side on one machine: a pool of spawned worker processes.
 
-`vegalm ablate --jobs N` and `vegalm run --jobs N` use it. Small models do not scale across cores (one
-4 x 128 layer is too small to split), so two one-thread processes do about twice the work of one
-two-thread process. Each worker gets cores // N torch threads, unless OMP_NUM_THREADS pins them.
+`vegalm ablate --jobs N` and `vegalm run --jobs N` use it: independent jobs (two pretrainings, many
+fine-tunes) then fill the cores without relying on one small model's intra-op threads. Each worker gets
+cores // N torch threads, unless OMP_NUM_THREADS pins them.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import concurrent.futures as cf
 import logging
 import multiprocessing as mp
 import os
+import time
 
-LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the CLI's (cli.py), so a worker's lines read alike
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the CLI's and its workers' log lines
 
 
 def threads_per_worker(n_workers: int) -> int | None:
@@ -36,14 +37,23 @@ def process_pool(n_workers: int, log_level: int = logging.WARNING) -> cf.Process
                                   initializer=_init_worker, initargs=(threads_per_worker(n_workers), log_level))  # fmt: skip
 
 
-def stop_pool(pool: cf.ProcessPoolExecutor) -> None:
-    """Cancel what has not started and SIGTERM what has (a pretraining worker saves a checkpoint on SIGTERM,
-    so the same command resumes it). `shutdown` alone would wait for every running job to finish."""
-    if hasattr(pool, "terminate_workers"):  # Python >= 3.14
-        pool.terminate_workers()
-        return
-    procs = list((getattr(pool, "_processes", None) or {}).values())  # before shutdown, which drops them
+def stop_pool(pool: cf.ProcessPoolExecutor, grace_s: float = 0.0, forward: int | None = None) -> None:
+    """Cancel what has not started and stop what has: send the running workers signal `forward` (if given),
+    wait up to `grace_s` seconds for them to end, then SIGTERM the rest. A training worker checkpoints at its
+    next step on SIGINT or SIGTERM and exits, and the same command resumes; a second signal ends it at once,
+    so a worker that got the terminal's Ctrl-C needs a grace period, not a SIGTERM on top. `shutdown` alone
+    would wait for every running job to finish."""
+    # the processes, before shutdown drops them (kept on the pool for a second call: a second Ctrl-C)
+    procs = list((getattr(pool, "_processes", None) or {}).values()) or getattr(pool, "_vegalm_procs", [])
+    pool._vegalm_procs = procs
     pool.shutdown(wait=False, cancel_futures=True)
+    if forward is not None:
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, forward)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
     for proc in procs:
         if proc.is_alive():
             proc.terminate()
