@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import multiprocessing as mp
+from multiprocessing.connection import wait as wait_for
 import os
 import time
 
@@ -51,12 +52,13 @@ def stop_pool(pool: cf.ProcessPoolExecutor, grace_s: float = 0.0, forward: int |
         for proc in procs:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, forward)
-    deadline = time.monotonic() + grace_s
-    for proc in procs:
-        proc.join(timeout=max(0.0, deadline - time.monotonic()))
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
+    # wait on the exit sentinels, not join(): the executor's own thread joins (reaps) the same processes
+    alive, deadline = [p for p in procs if p.exitcode is None], time.monotonic() + grace_s
+    while alive and (left := deadline - time.monotonic()) > 0:
+        ended = set(wait_for([p.sentinel for p in alive], timeout=left))
+        alive = [p for p in alive if p.sentinel not in ended]
+    for proc in alive:
+        proc.terminate()
 
 
 __all__ = ["LOG_FORMAT", "threads_per_worker", "process_pool", "stop_pool"]
