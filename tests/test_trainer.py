@@ -225,7 +225,7 @@ def test_second_sigint_stops_at_once(tmp_path):
     # re-raise is ignored too (two CI runs of this session failed so; the same with SIG_IGN set by hand).
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with pytest.raises(KeyboardInterrupt) as e:  # the second Ctrl-C: Python's own KeyboardInterrupt, no checkpoint
+        with pytest.raises(KeyboardInterrupt) as e:  # the second Ctrl-C: Python's KeyboardInterrupt, no checkpoint
             make_trainer(tmp_path, callbacks=[SendSignal(signal.SIGINT, {2}, times=2)], max_steps=6).train()
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:

@@ -40,10 +40,10 @@ def process_pool(n_workers: int, log_level: int = logging.WARNING) -> cf.Process
 
 def stop_pool(pool: cf.ProcessPoolExecutor, grace_s: float = 0.0, forward: int | None = None) -> None:
     """Cancel what has not started and stop what has: send the running workers signal `forward` (if given),
-    wait up to `grace_s` seconds for them to end, then SIGTERM the rest. A training worker checkpoints at its
-    next step on SIGINT or SIGTERM and exits, and the same command resumes; a second signal ends it at once,
-    so a worker that got the terminal's Ctrl-C needs a grace period, not a SIGTERM on top. `shutdown` alone
-    would wait for every running job to finish."""
+    wait up to `grace_s` seconds for them to end, then SIGTERM the rest. A training worker stops at its next
+    step on SIGINT or SIGTERM (pretraining saves a checkpoint there) and the same command resumes; a second
+    signal ends it at once, so a worker that got the terminal's Ctrl-C needs a grace period, not a SIGTERM on
+    top. `shutdown` alone would wait for every running job to finish."""
     # the processes, before shutdown drops them (kept on the pool for a second call: a second Ctrl-C)
     procs = list((getattr(pool, "_processes", None) or {}).values()) or getattr(pool, "_vegalm_procs", [])
     pool._vegalm_procs = procs
