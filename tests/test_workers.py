@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import pickle
 import time
 from multiprocessing.connection import wait
 
@@ -60,3 +61,25 @@ def test_stop_pool_with_grace_lets_running_jobs_end_on_their_own():
     stop_pool(pool, grace_s=60)
     # not cut short by a SIGTERM: with no grace the same jobs end in BrokenProcessPool (the test above)
     assert [f.result(timeout=60) for f in running] == [None, None] and time.perf_counter() - t0 < 30
+
+
+def test_a_stopped_training_crosses_the_process_boundary():
+    """A worker's Interrupted must unpickle in the parent: an unpicklable result breaks the whole pool, whose
+    manager then SIGTERMs the other workers mid-checkpoint (seen: one pretraining of two lost its checkpoint)."""
+    from vegalm.errors import Interrupted, WorkersInterrupted
+
+    pool = process_pool(1)
+    try:
+        err = pool.submit(_raise_interrupted).exception(timeout=120)
+    finally:
+        pool.shutdown()
+    assert isinstance(err, Interrupted) and (err.step, err.checkpoint, err.exit_code) == (7, "/c/step-7", 143)
+    assert str(err) == str(Interrupted(7, "/c/step-7", 15))
+    again = pickle.loads(pickle.dumps(WorkersInterrupted(2)))
+    assert again.exit_code == 130 and str(again) == str(WorkersInterrupted(2))
+
+
+def _raise_interrupted():
+    from vegalm.errors import Interrupted
+
+    raise Interrupted(7, "/c/step-7", 15)

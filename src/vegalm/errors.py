@@ -21,6 +21,9 @@ class Interrupted(KeyboardInterrupt):
     def exit_code(self) -> int:
         return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
+    def __reduce__(self):  # picklable: a worker process returns it to `vegalm run --jobs` (an unpicklable
+        return type(self), (self.step, self.checkpoint, self.signum)  # result breaks the whole pool)
+
 
 class WorkersInterrupted(Interrupted):
     """SIGINT / SIGTERM stopped `vegalm run --jobs N`: its workers stopped at a step boundary (pretraining saves a
@@ -30,3 +33,6 @@ class WorkersInterrupted(Interrupted):
         self.step, self.checkpoint, self.signum = None, None, signum
         KeyboardInterrupt.__init__(self, "interrupted: the workers stopped at a step boundary (pretraining saved a "
                                          "checkpoint); run the same command again to resume")
+
+    def __reduce__(self):
+        return type(self), (self.signum,)

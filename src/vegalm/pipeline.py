@@ -155,6 +155,9 @@ def _side_by_side(models: dict[str, RecipeConfig], out: Path, retrain: bool, job
                     stop.acknowledge()
                     # a terminal's Ctrl-C reached the workers too; a SIGTERM may have been sent to this process only
                     stop_pool(pool, grace_s=120, forward=signal.SIGTERM if stop.pending == signal.SIGTERM else None)
+                    for fut, (name, run) in todo.items():  # what each worker ended with
+                        err = fut.exception() if fut.done() and not fut.cancelled() else None
+                        log.info("%s %s: %s", name, "pretraining" if run is None else run, err or "stopped")
                     raise WorkersInterrupted(stop.pending)
                 for fut in finished:
                     name, run = todo.pop(fut)
@@ -167,6 +170,8 @@ def _side_by_side(models: dict[str, RecipeConfig], out: Path, retrain: bool, job
                     else:
                         runs.update(1)
                         runs.set_postfix_str(f"{name} {run[0]} seed {run[1]}: {res['dev_score']:.2f}")
+    except WorkersInterrupted:  # the workers are stopped already
+        raise
     except BaseException:  # a failed job, or a second signal: SIGTERM the workers (they checkpoint and exit)
         stop_pool(pool)
         raise
