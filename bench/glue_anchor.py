@@ -111,7 +111,8 @@ def vegalm_side(args, work: Path) -> dict:
     t0 = time.perf_counter()
     cfg = FinetuneConfig.of(task=args.task, model=args.model, out=str(work / "vegalm"), glue_dir=args.glue_dir,
                          defaults="run_glue", seed=args.seed, max_train_samples=args.max_train_samples,
-                         eval_test=False, save_model=False, progress=args.progress, **RUN_GLUE)
+                         eval_test=False, save_model=False, progress=args.progress, **RUN_GLUE,
+                         mixed_precision="no", unpad=False)  # the Trainer's fp32 padded passes: a recipe check
     res = run_finetune(cfg)
     return {"dev": res["dev"], "dev_score": res["dev_score"], "steps": res["train"]["steps"],
             "train_s": res["timing"]["train_s"], "wall_s": round(time.perf_counter() - t0, 2),

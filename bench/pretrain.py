@@ -2,6 +2,7 @@
 
     python bench/pretrain.py            # B32 x S128, vocab 32k, fp32, 5 timed steps each
     python bench/pretrain.py --quick    # 3 timed steps, smaller tokenizer sample
+    python bench/pretrain.py --dtype bf16 --shape xsmall   # bf16 autocast; DeBERTa-v3-xsmall's 12x384 shape
 
 Naive loop (what users write today): `DebertaV2ForMaskedLM` generator computing full-vocabulary
 logits at every position, multinomial sampling, a `DebertaV2ForTokenClassification`-style
@@ -32,36 +33,48 @@ from vegalm.pretrain.masking import mask_tokens, special_positions
 from vegalm.pretrain.rtd import ObjectiveConfig, RTDModel, generator_config
 
 V, B, L = 32000, 32, 128
-DISC = EncoderConfig(vocab_size=V, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+SHAPES = {  # discriminators; each generator is generator_config's narrow ELECTRA-style half-depth model
+    "tiny": EncoderConfig(vocab_size=V, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                          intermediate_size=1024),
+    "xsmall": EncoderConfig(vocab_size=V, hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                            intermediate_size=1536),  # DeBERTa-v3-xsmall's shape (its vocabulary is 128k)
+}
+DISC = SHAPES["tiny"]
 SPECIAL, MASK = (1, 2, 0), 4
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 
 
-def naive_models():
+def naive_models(disc_cfg: EncoderConfig = DISC):
     from transformers import DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2ForTokenClassification
 
     def hf_cfg(c: EncoderConfig, **kw):
         return DebertaV2Config(**c.to_hf_dict(), **kw)
 
-    gen = DebertaV2ForMaskedLM(hf_cfg(generator_config(DISC, ObjectiveConfig()), legacy=False))
-    disc = DebertaV2ForTokenClassification(hf_cfg(DISC, num_labels=1))
+    gen = DebertaV2ForMaskedLM(hf_cfg(generator_config(disc_cfg, ObjectiveConfig()), legacy=False))
+    disc = DebertaV2ForTokenClassification(hf_cfg(disc_cfg, num_labels=1))
     disc.deberta.embeddings.word_embeddings = gen.deberta.embeddings.word_embeddings  # ELECTRA sharing
     return torch.nn.ModuleDict({"gen": gen, "disc": disc})
 
 
-def naive_step_fn(models, ids, att, opt):
+def _autocast(dtype: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def naive_step_fn(models, ids, att, opt, dtype: str = "fp32"):
     def step():
         special = special_positions(ids, att, SPECIAL)
         masked, labels = mask_tokens(ids, special, MASK, V)
-        g = models["gen"](input_ids=masked, attention_mask=att, labels=labels)  # full [B, L, V] logits
+        with _autocast(dtype):
+            g = models["gen"](input_ids=masked, attention_mask=att, labels=labels)  # full [B, L, V] logits
         with torch.no_grad():
             sel = labels != -100
             probs = g.logits[sel].float().softmax(-1)
             corrupted = ids.clone()
             corrupted[sel] = torch.multinomial(probs, 1).squeeze(-1)
             replaced = ((corrupted != ids) & (att > 0)).float()
-        d = models["disc"](input_ids=corrupted, attention_mask=att).logits.squeeze(-1)
-        rtd = F.binary_cross_entropy_with_logits(d[att > 0], replaced[att > 0])
+        with _autocast(dtype):
+            d = models["disc"](input_ids=corrupted, attention_mask=att).logits.squeeze(-1)
+        rtd = F.binary_cross_entropy_with_logits(d[att > 0].float(), replaced[att > 0])
         (g.loss + 50.0 * rtd).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -69,9 +82,11 @@ def naive_step_fn(models, ids, att, opt):
     return step
 
 
-def ours_step_fn(model, ids, att, opt):
+def ours_step_fn(model, ids, att, opt, dtype: str = "fp32"):
     def step():
-        model(ids, att)["loss"].backward()
+        with _autocast(dtype):
+            loss = model(ids, att)["loss"]
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -116,7 +131,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, both loops")
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="tiny")
+    ap.add_argument("--no-tokenize", action="store_true", help="skip the tokenization throughput")
     args = ap.parse_args()
+    disc = SHAPES[args.shape]
     torch.set_num_threads(2)
     repeats = 3 if args.quick else args.repeats
     torch.manual_seed(0)
@@ -124,11 +143,11 @@ def main() -> None:
     ids = torch.randint(5, V, (B, L), generator=g)
     ids[:, 0], ids[:, -1] = 1, 2
     att = torch.ones(B, L, dtype=torch.long)
-    naive = naive_models().train()
-    ours = RTDModel(DISC, ObjectiveConfig(), MASK, SPECIAL).train()
+    naive = naive_models(disc).train()
+    ours = RTDModel(disc, ObjectiveConfig(), MASK, SPECIAL).train()
     steps = {
-        "naive_hf": naive_step_fn(naive, ids, att, torch.optim.AdamW(naive.parameters(), lr=1e-5)),
-        "ours": ours_step_fn(ours, ids, att, torch.optim.AdamW(ours.parameters(), lr=1e-5)),
+        "naive_hf": naive_step_fn(naive, ids, att, torch.optim.AdamW(naive.parameters(), lr=1e-5), args.dtype),
+        "ours": ours_step_fn(ours, ids, att, torch.optim.AdamW(ours.parameters(), lr=1e-5), args.dtype),
     }
     times = {k: [] for k in steps}
     for i in range(2 + repeats):
@@ -142,14 +161,14 @@ def main() -> None:
     print(f"{'':<10}{'s/step':>9}{'tokens/s':>10}")
     for k in steps:
         print(f"{k:<10}{med[k]:>9.3f}{tok_s[k]:>10.0f}")
-    mbps = tokenization_mbps(args.quick)
+    mbps = None if args.no_tokenize else tokenization_mbps(args.quick)
     if mbps is not None:
         print(f"tokenization (corpus pipeline, 8k Unigram, 2 cores): {mbps:.2f} MB/s")
     print(json.dumps({
         "speedup_rtd": round(med["naive_hf"] / med["ours"], 3),
         "naive_tok_s": round(tok_s["naive_hf"]), "ours_tok_s": round(tok_s["ours"]),
         "tokenize_mb_s": None if mbps is None else round(mbps, 2),
-        "batch": B, "seq_len": L, "vocab": V, "repeats": repeats,
+        "batch": B, "seq_len": L, "vocab": V, "repeats": repeats, "dtype": args.dtype, "shape": args.shape,
     }))  # fmt: skip
 
 

@@ -201,7 +201,7 @@ def test_records_table_plot_and_json_line(sweep):
     lines = sweep["stdout"].strip().splitlines()
     assert lines[0].startswith("trained 7 run(s)")  # 4 combos x 2 tasks, less STS-B's transductive (no pseudo)
     last = json.loads(lines[-1])
-    assert set(last) == {"tasks", "seeds", "avg"} and last["tasks"] == ["stsb", "wnli"] and last["seeds"] == 1
+    assert set(last) == {"tasks", "seeds", "seed_list", "avg", "paired"} and last["tasks"] == ["stsb", "wnli"] and last["seeds"] == 1
     assert list(last["avg"]) == COMBOS
     assert last["avg"]["vanilla"] == pytest.approx((van["wnli"] + van["stsb"]) / 2, abs=0.006)
     assert "| vanilla |" in sweep["stdout"]  # the table is printed too
@@ -412,9 +412,17 @@ def test_summary_arithmetic_anchor_and_verdict(tmp_path):
     assert f"all vs vanilla: {s['delta_vs_vanilla']['all']:+.2f} points" in verdict
     assert f"all vs anchor: {s['avg']['all'] - 56.3:+.2f} points" in verdict
     assert "worse than vanilla by more than vanilla's seed std: stsb (-1.50, std 1.00)" in verdict
+    # paired per seed (task averages): all - vanilla = 63.5 - 61, 64.625 - 63.25, 65.75 - 65.5 = 2.5, 1.375, 0.25;
+    # mean 1.375, sd 1.125, t(0.95, 2) = 2.919986: lower bound 1.375 - 2.919986 * 1.125 / sqrt(3) = -0.5216
+    p = s["paired_vs_vanilla"]["all"]
+    assert p["per_seed"] == {"0": 2.5, "1": 1.375, "2": 0.25} and p["mean"] == pytest.approx(1.375)
+    assert p["sd"] == pytest.approx(1.125) and p["lower_95"] == pytest.approx(-0.5216, abs=1e-4)
+    assert "paired over seeds 0, 1, 2: one-sided 95% lower bound -0.52" in verdict
     line = json.loads(ablate.summary_line(s))
-    assert line == {"tasks": ["cola", "mrpc", "stsb", "rte"], "seeds": 3,
-                    "avg": {"vanilla": round(s["avg"]["vanilla"], 2), "all": round(s["avg"]["all"], 2)}}
+    assert line == {"tasks": ["cola", "mrpc", "stsb", "rte"], "seeds": 3, "seed_list": [0, 1, 2],
+                    "avg": {"vanilla": round(s["avg"]["vanilla"], 2), "all": round(s["avg"]["all"], 2)},
+                    "paired": {"all": {"per_seed": {"0": 2.5, "1": 1.38, "2": 0.25}, "mean": 1.38,
+                                       "lower_95": -0.52}}}
     # another model: no anchor; a combo missing a task has no average
     del scores["all"]["cola"]
     _write_records(tmp_path / "q", scores, model="runs/pt/discriminator", anchor=None)

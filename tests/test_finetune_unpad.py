@@ -62,11 +62,33 @@ def _batch(task: str, n: int, split: str = "train") -> tuple[dict, GlueDataset]:
 
 
 def test_unpad_enters_the_cache_key_only_when_on(tiny_dir):
-    base = dict(task="rte", model=str(tiny_dir), out="o", glue_dir=str(GLUE_DIR))
-    off, default = resolve(FinetuneConfig.of(**base, unpad=False)), resolve(FinetuneConfig.of(**base))
-    assert "unpad" not in off and config_hash(off) == config_hash(default)  # keys of earlier runs stay valid
-    on = resolve(FinetuneConfig.of(**base, unpad=True))
-    assert on["unpad"] is True and config_hash(on) != config_hash(off)
+    """unpad=false adds no key (keys of earlier runs stay valid); unset, it is on where the backbone supports it:
+    our encoder, a transformers BERT (MiniLM), not transformers' own DeBERTa."""
+    base = dict(task="rte", out="o", glue_dir=str(GLUE_DIR))
+    off = resolve(FinetuneConfig.of(**base, model=str(tiny_dir), unpad=False))
+    on = resolve(FinetuneConfig.of(**base, model=str(tiny_dir), unpad=True))
+    assert "unpad" not in off and on["unpad"] is True and config_hash(on) != config_hash(off)
+    for model, backend, want in ((tiny_dir, "auto", True), (minilm_path(), "auto", True), (tiny_dir, "hf", False)):
+        default = resolve(FinetuneConfig.of(**base, model=str(model), backend=backend))
+        assert default.get("unpad", False) is want, (model, backend)
+        built = build_model(default, 2)[0]
+        packed = any(getattr(m, "unpad", False) is True or getattr(m, "_vegalm_unpadded", False)
+                     for m in built.modules())
+        assert packed is want, (model, backend)
+        assert not any(type(m) is torch.nn.Dropout for m in built.modules()) or not want  # FastDropout when packed
+
+
+@pytest.mark.parametrize("native,want", [(True, "bf16"), (False, "no")])
+def test_mixed_precision_auto_follows_the_hardware(tiny_dir, monkeypatch, native, want):
+    """Unset, mixed_precision is bf16 where the device runs bf16 in hardware and fp32 elsewhere; the decided value
+    is what the key holds, so an auto run and an explicit run of the same precision share their cache."""
+    monkeypatch.setattr("vegalm.finetune.config.native_bf16", lambda: native)
+    base = dict(task="rte", out="o", glue_dir=str(GLUE_DIR), model=str(tiny_dir))
+    auto = resolve(FinetuneConfig.of(**base))
+    assert auto["mixed_precision"] == want
+    assert config_hash(auto) == config_hash(resolve(FinetuneConfig.of(**base, mixed_precision=want)))
+    with pytest.raises(ConfigError, match="mixed_precision: expected one of no, bf16, auto, got .fp16."):
+        FinetuneConfig.of(**base, mixed_precision="fp16").check()
 
 
 @pytest.mark.parametrize("task,trick", [("rte", None), ("rte", "r3f"), ("stsb", None)])
@@ -130,7 +152,8 @@ def test_run_finetune_unpadded_gives_the_padded_logits(tiny_dir, tmp_path, monke
 
     monkeypatch.setattr(modeling, "Packing", CountingPacking)
     base = dict(task="rte", model=str(tiny_dir), max_train_samples=32, batch_size=8, max_steps=3, progress=False,
-                glue_dir=str(GLUE_DIR), eval_test=False, save_model=False)
+                glue_dir=str(GLUE_DIR), eval_test=False, save_model=False,
+                mixed_precision="no")  # fp32: the two must agree to float rounding, which bf16 would exceed
     res, logits = {}, {}
     for unpad in (False, True):
         out = tmp_path / f"unpad_{unpad}"

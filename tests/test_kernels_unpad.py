@@ -60,6 +60,35 @@ def test_packing_round_trip_and_gradient():
     torch.testing.assert_close(x.grad, mask[..., None].float().expand(3, 4, 5))
 
 
+@pytest.mark.parametrize("left", [False, True])
+def test_grouped_attention_matches_padded_attention(left):
+    """Packing.attend (sequences sorted by length, ATTN_GROUPS groups each padded to its own longest) against
+    one masked attention over the whole padded batch: outputs at real tokens and gradients of q, k, v, with a
+    batch of 7 lengths (one much longer than the rest) and, for `left`, left padding."""
+    torch.manual_seed(0)
+    lengths = torch.tensor([3, 9, 1, 4, 4, 2, 6])
+    B, L, H, D = len(lengths), int(lengths.max()), 2, 4
+    t = torch.arange(L)
+    mask = (t[None] >= L - lengths[:, None]) if left else (t[None] < lengths[:, None])
+    p = Packing(mask)
+    groups, _ = p.groups()
+    assert len(groups) == 4 and [g[1].shape for g in groups][-1][1] == 9 and groups[0][1].shape[1] < 9
+    q, k, v = (torch.randn(B, L, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+
+    def attn(q, k, v, real):  # [b, H, n, D] each, real [b, n]
+        s = (q @ k.transpose(-1, -2)).masked_fill(~real[:, None, None, :], float("-inf"))
+        return s.softmax(-1) @ v
+
+    packed = p.attend(*(p.unpad(x) for x in (q, k, v)), attn)  # [T, H, D]
+    ref = attn(*(x.transpose(1, 2) for x in (q, k, v)), mask).transpose(1, 2)  # [B, L, H, D]
+    torch.testing.assert_close(packed, p.unpad(ref))
+    w = torch.randn_like(packed)
+    got = torch.autograd.grad((packed * w).sum(), (q, k, v))
+    want = torch.autograd.grad((p.unpad(ref) * w).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("impl", ["eager", "fused", "sdpa"])
 def test_vega_unpadded_matches_padded(impl):
     torch.manual_seed(0)

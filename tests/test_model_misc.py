@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from vegalm.errors import VegaError
 from vegalm.model import EncoderConfig, VegaForSequenceClassification, VegaModel
-from vegalm.model.attention import FusedAttention, RelBias
+from vegalm.model.attention import BandBias, FusedAttention, RelBias
 from vegalm.model.dropout import FastDropout
-from vegalm.model.relpos import log_bucket, rel_index
+from vegalm.model.relpos import diagonals, log_bucket, rel_index
 
 SMALL = EncoderConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=64, position_buckets=16, max_relative_positions=64,
@@ -64,6 +64,44 @@ def test_rel_bias_gradcheck_and_values():
     ref = torch.gather(c, -1, full) + torch.gather(p, -1, full.transpose(-1, -2)).transpose(-1, -2)
     assert torch.allclose(RelBias.apply(c, p, idx), ref)
     assert torch.autograd.gradcheck(lambda a, b: RelBias.apply(a, b, idx), (c, p))
+
+
+@pytest.mark.parametrize("length,span,buckets,max_rel", [(10, 4, 4, 16), (40, 8, 8, 24), (7, 16, 0, 0)])
+def test_rel_index_is_toeplitz_and_diagonals_read_it(length, span, buckets, max_rel):
+    """BandBias relies on idx[i, j] depending on i - j only, log buckets included."""
+    idx = rel_index(length, span, buckets, max_rel)
+    diag = diagonals(idx)
+    i, j = torch.meshgrid(torch.arange(length), torch.arange(length), indexing="ij")
+    assert diag.shape == (2 * length - 1,) and torch.equal(idx, diag[i - j + length - 1])
+
+
+@pytest.mark.parametrize("terms", ["both", "c2p", "p2c"])
+def test_band_bias_is_the_gather_twin_in_values_and_gradients(terms):
+    """The fused kernel's BandBias (offset-ordered tables read through strided views) against two torch.gather
+    calls on the bucket tables (the eager formula), values and gradients; float64 gradcheck of the views."""
+    torch.manual_seed(0)
+    L = 10
+    idx = rel_index(L, 4, 4, 16)
+    idx = idx - idx.min()
+    P = int(idx.max()) + 1
+    diag = diagonals(idx)
+    c, p = (torch.randn(2, 3, L, P, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    full = idx.expand(2, 3, L, L)
+    ref = 0
+    if terms != "p2c":
+        ref = ref + torch.gather(c, -1, full)
+    if terms != "c2p":
+        ref = ref + torch.gather(p, -1, full.transpose(-1, -2)).transpose(-1, -2)
+    got = BandBias.apply(c.index_select(-1, diag.flip(0)) if terms != "p2c" else None,
+                         p.index_select(-1, diag) if terms != "c2p" else None)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    w = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * w).sum(), (c, p), allow_unused=True, materialize_grads=True)
+    have = torch.autograd.grad((got * w).sum(), (c, p), allow_unused=True, materialize_grads=True)
+    for a, b in zip(have, want):
+        torch.testing.assert_close(a, b)
+    cb, pb = (torch.randn(2, 3, L, 2 * L - 1, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda a, b: BandBias.apply(a, b), (cb, pb))
 
 
 def test_fast_dropout_rate_scale_and_grad():

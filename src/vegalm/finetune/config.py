@@ -17,9 +17,10 @@ from vegalm.config import ConfigError, from_dict, option, to_dict
 from vegalm.data.glue import TaskSpec, get_task, resolve_glue_dir, split_path
 from vegalm.errors import VegaError
 from vegalm.finetune.models import BACKENDS, has_tokenizer, read_model_config, resolve_model_dir
+from vegalm.model.unpad import hf_type_unpads
 from vegalm.finetune.tasks import DEFAULT_SETS, SET_OPTIM, task_defaults
 from vegalm.finetune.stages.wnli import TREATMENTS as WNLI_TREATMENTS
-from vegalm.train.trainer import TrainConfig
+from vegalm.train.trainer import TrainConfig, native_bf16
 
 PER_TASK = "unset: the per-task default (finetune/tasks.py)"
 
@@ -37,19 +38,27 @@ class FinetuneTrain(TrainConfig):
     adam_eps: float | None = option("AdamW eps; unset: 1e-6 (vega), 1e-8 (run_glue)", None)
     save_final: bool = option("checkpoint the last step (a fine-tune keeps its weights in out/model instead)", False)
     keep_last: int = option("checkpoints kept; each holds weights + Adam state (~270 MB for MiniLM-L6)", 1)
+    mixed_precision: str = option("no | bf16 | auto (bf16 where the device runs it in hardware: a CUDA GPU with "
+                                  "bf16, a CPU with AMX or AVX512-BF16; else no)", "auto")
+
+    def precision(self) -> str:
+        """mixed_precision with `auto` decided for this machine."""
+        if self.mixed_precision != "auto":
+            return self.mixed_precision
+        return "bf16" if native_bf16() else "no"
 
     def check(self) -> None:
         """TrainConfig's rules on the values that are set, plus fine-tuning's own."""
         unset = {f.name: f.default for f in dataclasses.fields(TrainConfig) if getattr(self, f.name) is None}
-        TrainConfig.check(dataclasses.replace(self, **unset))
+        if self.mixed_precision not in ("no", "bf16", "auto"):
+            raise ConfigError(f"train.mixed_precision: expected one of no, bf16, auto, got {self.mixed_precision!r}")
+        TrainConfig.check(dataclasses.replace(self, **unset, mixed_precision=self.precision()))
         for key in ("lr", "epochs", "batch_size", "max_steps"):
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise ConfigError(f"train.{key}: expected > 0, got {value!r}")
         if self.weight_decay is not None and self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay: expected >= 0, got {self.weight_decay!r}")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ConfigError(f"train.mixed_precision: expected one of no, bf16, got {self.mixed_precision!r}")
 
 
 # the training keys of a run's cache key, under the flat names they had before TrainConfig was nested, so that
@@ -92,9 +101,10 @@ class FinetuneConfig:
                                  default="none")
     allow_new_weights: bool = option("start encoder weights the model folder lacks fresh instead of stopping",
                                  default=False)
-    unpad: bool = option("pack the real tokens through the layers (model/unpad.py): the same batches, no padding "
-                         "in the token-wise work; backend vegalm, or hf models with transformers' attention "
-                         "interface (BERT, RoBERTa, MiniLM)", default=False)
+    unpad: bool | None = option("pack the real tokens through the layers (model/unpad.py): the same batches, no "
+                                "padding in the token-wise work; backend vegalm, or hf models with transformers' "
+                                "attention interface (BERT, RoBERTa, MiniLM). Unset: on where supported",
+                                default=None)
     train: FinetuneTrain = field(default_factory=FinetuneTrain)
 
     @classmethod
@@ -185,6 +195,7 @@ def _data_fingerprint(spec: TaskSpec, glue_dir: str, eval_test: bool) -> dict[st
 def _train_key(train: FinetuneTrain) -> dict[str, Any]:
     """The train.* settings under their flat names, plus train.<name> for any other non-default field."""
     out = {k: getattr(train, k) for k in FLAT_TRAIN}
+    out["mixed_precision"] = train.precision()  # the decided value: auto on a bf16 machine runs (and keys) as bf16
     out["checkpoint_every"] = train.save_every
     plain = FinetuneTrain()
     for f in dataclasses.fields(train):
@@ -232,6 +243,7 @@ def resolve(cfg: FinetuneConfig | dict) -> dict[str, Any]:
         adam_eps=t.adam_eps if t.adam_eps is not None else optim["adam_eps"],
         trick_args={name: to_dict(args) for name, (_, args) in trick_classes(cfg).items()},
     )
+    out["unpad"] = cfg.unpad if cfg.unpad is not None else (backend == "vegalm" or hf_type_unpads(model_type))
     out.update(_extra_train_key(cfg.extra_train))
     revised = {n: cls.revision for n, (cls, _) in trick_classes(cfg).items() if getattr(cls, "revision", 1) != 1}
     if revised:  # a trick whose computation changed at the same Args bumps its `revision`: older caches go stale
@@ -242,7 +254,7 @@ def resolve(cfg: FinetuneConfig | dict) -> dict[str, Any]:
         out["micro_batch_order"] = "length"
     if not cfg.allow_new_weights:
         out.pop("allow_new_weights")
-    if not cfg.unpad:
+    if not out["unpad"]:
         out.pop("unpad")  # on, it changes the dropout stream (masks over packed tokens); off, older keys stay valid
     if spec.name != "wnli" or cfg.wnli_treatment == "none":
         out.pop("wnli_treatment")  # only a WNLI run is changed by it; older keys stay valid
@@ -253,7 +265,7 @@ def train_config(resolved: dict[str, Any], cfg: FinetuneConfig) -> TrainConfig:
     """The Trainer's config: cfg.train with the per-task defaults of `resolved` filled in."""
     fill = {k: resolved[k] for k in ("lr", "batch_size", "warmup_ratio", "weight_decay", "adam_eps")}
     steps = cfg.train.max_steps
-    tcfg = dataclasses.replace(cfg.train, **fill, max_steps=steps or 1,
+    tcfg = dataclasses.replace(cfg.train, **fill, max_steps=steps or 1, mixed_precision=resolved["mixed_precision"],
                                epochs=None if steps else float(resolved["epochs"]))
     return TrainConfig(**{f.name: getattr(tcfg, f.name) for f in dataclasses.fields(TrainConfig)})
 

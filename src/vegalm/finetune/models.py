@@ -17,6 +17,7 @@ from torch import nn
 from vegalm.config import ConfigError
 from vegalm.errors import VegaError
 from vegalm.hub import resolve_pretrained
+from vegalm.model.unpad import enable_unpadding, use_fast_dropout
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +127,15 @@ def build_model(resolved: dict[str, Any], num_labels: int) -> tuple[nn.Module, l
     """(model, names of freshly initialised weights) from `init_from` or `model`. A missing or unexpected
     encoder weight raises WeightsMismatchError unless `allow_new_weights`; a new head is logged once.
     With `unpad`, the model runs its layers on the packed real tokens (model/unpad.py), in training and
-    in evaluation alike (predict.py calls the same model; EMA / teacher copies keep the switch)."""
+    in evaluation alike (predict.py calls the same model; EMA / teacher copies keep the switch), and its
+    nn.Dropout layers draw FastDropout's cheaper masks (same rate, another random stream)."""
     model, fresh = _load_model(resolved, num_labels)
     if resolved.get("unpad"):
-        from vegalm.model.unpad import enable_unpadding
-
         if not enable_unpadding(model):
             raise ConfigError(f"unpad: backend {resolved['backend']} has no packed path for {type(model).__name__} "
                               f"(model_type {resolved.get('model_type')!r}: its attention does not go through "
                               "transformers' attention interface); set unpad=false")
+        use_fast_dropout(model)
     return model, fresh
 
 

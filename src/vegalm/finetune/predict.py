@@ -103,7 +103,7 @@ class Evaluation:
 def evaluate_splits(model: nn.Module, spec: TaskSpec, resolved: dict, collate: Collator, cfg: Any,
                     device: torch.device, dev_ex: dict, dev_ds: dict, test_ex: dict, test_ds: dict) -> Evaluation:
     """Predict every dev and test split with `model`, then score the dev splits (mean of the task scores)."""
-    bf16, glue_dir = cfg.train.mixed_precision == "bf16", resolved["glue_dir"]
+    bf16, glue_dir = resolved["mixed_precision"] == "bf16", resolved["glue_dir"]
 
     def run(ds: GlueDataset, desc: str) -> np.ndarray:
         return predict_logits(model, ds, collate, cfg.eval_batch_size, device, bf16, cfg.train.progress, desc)

@@ -9,9 +9,11 @@ embeddings and idx(i, j) the bucketed relative index (model/relpos.py).
 Kernels (`attn_impl`):
 - eager: the formula above with full [B,H,L,L] tensors for every term, then
   masked softmax, dropout and @V. The reference every fast path is tested against.
-- fused (CPU default): c2p and p2c are gathered straight into ONE additive bias
-  [B,H,L,L] (the 1/sqrt scale is folded into the small [H,P,D] position tables,
-  and only the P <= 2L-1 relative rows a length can reach are projected). A
+- fused (CPU default): c2p and p2c go straight into ONE additive bias [B,H,L,L]
+  (the 1/sqrt scale is folded into the small position tables, and only the
+  P <= 2L-1 relative rows a length can reach are projected). fp32 gathers the
+  [B,H,L,P] products (RelBias); bf16 lays the tables out by relative offset and
+  reads a [B,H,L,2L-1] product through a strided view (BandBias), see `_bias`. A
   hand-written autograd function then does scores -> softmax -> dropout -> @V and
   keeps only the probabilities (plus a 1-byte dropout mask) for backward; the
   reference path keeps ~5 [B,H,L,L] tensors per layer. Without grad it calls SDPA.
@@ -43,6 +45,7 @@ from torch import nn
 
 from vegalm.model.config import EncoderConfig
 from vegalm.model.dropout import FastDropout, drop_mask
+from vegalm.model.relpos import diagonals
 
 _flex_compiled = None
 
@@ -102,27 +105,33 @@ class DisentangledSelfAttention(nn.Module):
         rel: "RelContext | None",
         packing=None,
     ) -> torch.Tensor:
-        """x: [B, L, h], or the packed real tokens [T, h] with `packing` (model/unpad.py); returns the same layout."""
+        """x: [B, L, h], or the packed real tokens [T, h] with `packing` (model/unpad.py); returns the same layout.
+        Packed, attention runs per length group (Packing.attend), each group with its own length's positions."""
         proj = [p(x) for p in (self.query_proj, self.key_proj, self.value_proj)]
-        if packing is not None:  # attention is the one op that needs each sequence's tokens side by side
-            proj = [packing.pad(t) for t in proj]
-        q, k, v = (self._heads(t) for t in proj)
         impl = self.impl
         if impl == "auto":
-            impl = "sdpa" if q.is_cuda else "fused"
+            impl = "sdpa" if x.is_cuda else "fused"
         if impl == "flex" and self.training and self.attn_dropout > 0:
             warnings.warn("attn_impl='flex' has no attention dropout: training with attention_probs_dropout_prob="
                           f"{self.attn_dropout} runs the sdpa kernel instead (set it to 0 to train with flex)",
                           stacklevel=2)  # the default filter shows it once per call site
             impl = "sdpa"
+        if packing is not None:  # attention is the one op that needs each sequence's tokens side by side
+            def group(q, k, v, real):  # [b, H, n, D] each, real [b, n]
+                return self._kernel(impl, q, k, v, real, rel_emb, rel.resized(q.shape[2]) if rel else None)
+
+            out = packing.attend(*(t.unflatten(-1, (self.num_heads, self.head_dim)) for t in proj), group)
+            return out.flatten(-2)  # [T, H*D]
+        q, k, v = (self._heads(t) for t in proj)
+        out = self._kernel(impl, q, k, v, pad, rel_emb, rel)
+        return out.transpose(-3, -2).flatten(-2)  # [B, L, H*D]
+
+    def _kernel(self, impl, q, k, v, pad, rel_emb, rel):
         if impl == "eager":
-            out = self._eager(q, k, v, pad, rel_emb, rel)
-        elif impl == "flex":
-            out = self._flex(q, k, v, pad, rel_emb, rel)
-        else:
-            out = self._biased(q, k, v, pad, rel_emb, rel, fused=impl == "fused")
-        out = out.transpose(-3, -2).flatten(-2)  # [B, L, H*D]
-        return out if packing is None else packing.unpad(out)
+            return self._eager(q, k, v, pad, rel_emb, rel)
+        if impl == "flex":
+            return self._flex(q, k, v, pad, rel_emb, rel)
+        return self._biased(q, k, v, pad, rel_emb, rel, fused=impl == "fused")
 
     # ---- reference --------------------------------------------------------------------------
     def _eager(self, q, k, v, pad, rel_emb, rel):
@@ -144,16 +153,27 @@ class DisentangledSelfAttention(nn.Module):
 
     # ---- fused bias + SDPA ------------------------------------------------------------------------
     def _bias(self, q, k, rel_emb, rel) -> torch.Tensor | None:
-        """c2p + p2c gathered into one [B,H,L,L] tensor, already scaled."""
+        """c2p + p2c as one [B,H,L,L] tensor, already scaled. In bf16/fp16 (q's dtype under autocast) the index,
+        which depends on i - j only, lays each table out by relative offset: a [B,H,L,2L-1] product read through
+        a strided view (BandBias), no gather and no scatter-add. In fp32 the tables keep their P <= 2L-1 bucket
+        rows and are gathered (RelBias): 2L-1 > P doubles the product's FLOPs at S512, which costs more than the
+        gather in fp32 and less in bf16 (`bench/probes/band_vs_gather.py`, BENCHMARKS.md)."""
         if not self.terms:
             return None
         used = self.pos_dropout(rel_emb[rel.lo : rel.hi + 1])  # [P, h], P <= 2L-1
+        band = band_layout(q.dtype)
         c2p = p2c = None
         if "c2p" in self.terms:  # scale the small [H,P,D] table, not the [B,H,L,L] result
-            c2p = q @ (self._pos_proj(used, "k") * self.scale).transpose(-1, -2)  # [B,H,L,P]
+            table = self._pos_proj(used, "k") * self.scale
+            if band:
+                table = table.index_select(-2, rel.diag_rev)  # row m: relative offset j - i = m - (L-1)
+            c2p = q @ table.transpose(-1, -2)  # [B,H,L,P] or, band, [B,H,L,2L-1]
         if "p2c" in self.terms:
-            p2c = k @ (self._pos_proj(used, "q") * self.scale).transpose(-1, -2)  # [B,H,L(key),P]
-        return RelBias.apply(c2p, p2c, rel.idx)
+            table = self._pos_proj(used, "q") * self.scale
+            if band:
+                table = table.index_select(-2, rel.diag)  # row m: i - j = m - (L-1)
+            p2c = k @ table.transpose(-1, -2)  # [B,H,L(key),P] or [B,H,L(key),2L-1]
+        return BandBias.apply(c2p, p2c) if band else RelBias.apply(c2p, p2c, rel.idx)
 
     def _biased(self, q, k, v, pad, rel_emb, rel, fused: bool):
         bias = self._bias(q, k, rel_emb, rel)
@@ -207,6 +227,51 @@ class DisentangledSelfAttention(nn.Module):
             return score
 
         return _flex_attention()(q, k, v, score_mod=score_mod, scale=self.scale)
+
+
+def band_layout(dtype: torch.dtype) -> bool:
+    """Whether `_bias` lays its tables out by relative offset (BandBias) rather than gathering (RelBias)."""
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def _band(t: torch.Tensor) -> torch.Tensor:
+    """[B,H,L,2L-1] -> the [B,H,L,L] view out[..., a, c] = t[..., a, c - a + L - 1] (no copy): row a of the view
+    starts one element earlier in each next row of t, so its row stride is 2L-2."""
+    B, H, L, W = t.shape
+    s = t.stride()
+    assert W == 2 * L - 1 and s[3] == 1 and s[2] == W, (t.shape, s)
+    return t.as_strided((B, H, L, L), (s[0], s[1], W - 1, 1), t.storage_offset() + L - 1)
+
+
+class BandBias(torch.autograd.Function):
+    """bias[b,h,i,j] = c2p[b,h,i,j-i+L-1] + p2c[b,h,j,i-j+L-1], from [B,H,L,2L-1] tables ordered by offset.
+
+    The values RelBias gathers, read through strided views; backward writes the gradient into a zeroed
+    table through the same views (each (i, j) has its own table cell). Keeps nothing for backward but shapes.
+    """
+
+    @staticmethod
+    def forward(ctx, c2p, p2c):
+        bias = None
+        if c2p is not None:
+            bias = _band(c2p.contiguous()).contiguous()
+        if p2c is not None:
+            t = _band(p2c.contiguous()).transpose(-1, -2)
+            bias = t.contiguous() if bias is None else bias.add_(t)
+        ctx.shapes = (None if c2p is None else c2p.shape, None if p2c is None else p2c.shape)
+        return bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = []
+        for shape, g in ((ctx.shapes[0], grad), (ctx.shapes[1], grad.transpose(-1, -2))):
+            if shape is None:
+                out.append(None)
+                continue
+            table = grad.new_zeros(shape)
+            _band(table).copy_(g)
+            out.append(table)
+        return out[0], out[1]
 
 
 class RelBias(torch.autograd.Function):
@@ -308,7 +373,17 @@ class FusedAttention(torch.autograd.Function):
 class RelContext:
     """Relative index tensors shared by all layers of one forward pass."""
 
-    __slots__ = ("idx", "lo", "hi")
+    __slots__ = ("idx", "lo", "hi", "diag", "diag_rev", "cache")
 
-    def __init__(self, idx: torch.Tensor, lo: int, hi: int):
+    def __init__(self, idx: torch.Tensor, lo: int, hi: int, diag: torch.Tensor | None = None,
+                 diag_rev: torch.Tensor | None = None, cache=None):
         self.idx, self.lo, self.hi = idx, lo, hi  # idx is offset so that row lo of the table is 0
+        self.diag = diag if diag is not None else diagonals(idx)  # [2L-1]: idx[i, j] at i - j + L - 1
+        self.diag_rev = diag_rev if diag_rev is not None else self.diag.flip(0)  # ... at j - i + L - 1
+        self.cache = cache  # relpos.RelIndexCache, for the shorter lengths of packed attention groups
+
+    def resized(self, length: int) -> RelContext:
+        """The context of another sequence length (an attention group of a packed batch)."""
+        if length == self.idx.shape[0]:
+            return self
+        return RelContext(*self.cache.get(length, self.idx.device), cache=self.cache)

@@ -125,8 +125,7 @@ class Encoder(nn.Module):
         """x [B, L, h]; with `packing` (model/unpad.py) the layers run on the packed real tokens only."""
         rel = None
         if self.relative:
-            idx, lo, hi = self._rel.get(x.shape[1], x.device)
-            rel = RelContext(idx, lo, hi)
+            rel = RelContext(*self._rel.get(x.shape[1], x.device), cache=self._rel)
         rel_emb = self.rel_embedding()
         states = [x] if output_hidden_states else None
         if packing is not None:

@@ -133,8 +133,9 @@ def layer_activation_bytes(cfg: EncoderConfig, batch: int, seq_len: int, dtype: 
     # LayerNorm's input, its output (read by intermediate.dense), the second LayerNorm's input
     elems += 2 * n * f  # [B, L, FFN]: the GELU input and the GELU output (read by output.dense)
     elems += square  # the softmax probabilities (FusedAttention keeps only these of the [B, L, L] matrices)
-    elems += terms * batch * p * h  # per position term, the scaled [H, P, D] table; for B > 1 matmul(q [B,H,L,D],
-    # table [H,D,P]) saves the table broadcast to [B*H, D, P] (a copy) and a contiguous copy of q (or k):
+    w = 2 * seq_len - 1 if _band(dtype) else p  # table rows: one per relative offset (BandBias) or per bucket
+    elems += terms * batch * w * h  # per position term, the scaled [H, w, D] table; for B > 1 matmul(q [B,H,L,D],
+    # table [H,D,w]) saves the table broadcast to [B*H, D, w] (a copy) and a contiguous copy of q (or k):
     elems += terms * n * h if batch > 1 else 0  # (for B = 1 both are views of tensors counted already)
     if terms and hidden_drop:
         elems += p * h  # the dropped-out relative rows [P, h] (read by key_proj / query_proj); without dropout
@@ -145,8 +146,13 @@ def layer_activation_bytes(cfg: EncoderConfig, batch: int, seq_len: int, dtype: 
     return elems * s + mask + stats
 
 
+def _band(dtype: str) -> bool:
+    """attention.py `_bias`: reduced-precision tables take the BandBias layout, fp32 the gathered RelBias one."""
+    return dtype_bytes(dtype) == 2
+
+
 def _shared_bytes(cfg: EncoderConfig, seq_len: int, dtype: str, checkpointing: bool) -> int:
-    """Saved once per forward whatever the depth: the [L, L] index and the layer-normed relative table."""
+    """Saved once per forward whatever the depth: the offset indices and the layer-normed relative table."""
     if not cfg.relative_attention:
         return 0
     s, rows, h = dtype_bytes(dtype), 2 * cfg.att_span, cfg.hidden_size
@@ -155,7 +161,10 @@ def _shared_bytes(cfg: EncoderConfig, seq_len: int, dtype: str, checkpointing: b
     if checkpointing or (terms and cfg.hidden_dropout_prob == 0):
         out += rows * h * s  # the normed table itself: a checkpoint input, or sliced straight into the layers
     if terms and not checkpointing:
-        out += seq_len * seq_len * INDEX_BYTES  # RelBias keeps the index (checkpointing rebuilds it in backward)
+        if _band(dtype):
+            out += 2 * (2 * seq_len - 1) * INDEX_BYTES  # the [2L-1] offset -> row index and its reverse
+        else:
+            out += seq_len * seq_len * INDEX_BYTES  # RelBias keeps the index (checkpointing rebuilds it in backward)
     return out
 
 

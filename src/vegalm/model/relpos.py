@@ -41,12 +41,19 @@ def rel_index(length: int, att_span: int, buckets: int, max_rel: int, device=Non
     return (rel + att_span).clamp_(0, 2 * att_span - 1)
 
 
+def diagonals(idx: torch.Tensor) -> torch.Tensor:
+    """idx[i, j] depends on i - j only (a Toeplitz matrix): its 2L-1 values t, with t[m] = idx[i, j] where
+    m = i - j + L - 1. Read off the first row (m = L-1 .. 0, reversed) and the first column (m = L .. 2L-2)."""
+    return torch.cat([idx[0].flip(0), idx[1:, 0]])
+
+
 class RelIndexCache:
     """Per-length cache of the index matrix, trimmed to the embedding rows a length actually uses.
 
     For L = 128 with 256 buckets only rows 129..383 of the 512 relative embeddings can be
     addressed, so projecting all 512 would waste 2x the c2p/p2c matmul work and memory.
-    Returns (idx - lo, lo, hi): rows lo..hi inclusive are the ones to project.
+    Returns (idx - lo, lo, hi, diag, diag reversed) with diag = diagonals(idx - lo): rows lo..hi inclusive are
+    the ones to project.
     """
 
     # Dynamic padding produces many lengths; an [L, L] int64 index is 2 MB at L=512, so keep a few.
@@ -56,14 +63,16 @@ class RelIndexCache:
         self.att_span, self.buckets, self.max_rel = att_span, buckets, max_rel
         self._cache: OrderedDict[tuple[int, torch.device], tuple[torch.Tensor, int, int]] = OrderedDict()
 
-    def get(self, length: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
+    def get(self, length: int, device: torch.device) -> tuple:
         key = (length, device)
         if key in self._cache:
             self._cache.move_to_end(key)
         else:
             idx = rel_index(length, self.att_span, self.buckets, self.max_rel, device=device)
             lo, hi = int(idx.min()), int(idx.max())
-            self._cache[key] = (idx - lo, lo, hi)
+            idx = idx - lo
+            diag = diagonals(idx)
+            self._cache[key] = (idx, lo, hi, diag, diag.flip(0))
             if len(self._cache) > self.MAX_ENTRIES:
                 self._cache.popitem(last=False)
         return self._cache[key]

@@ -1,17 +1,18 @@
 """Unpadded encoder passes: the token-wise work (projections, FFN, LayerNorm, GELU, dropout) skips padding.
 
-A padded batch [B, L] is packed into its T real tokens. Attention, the only op that mixes tokens,
-re-pads q/k/v per sequence and masks padding keys, so each example sees exactly its own tokens and
-the loss and gradients are those of the padded batch (tests/test_kernels_unpad.py). The batches
-themselves are unchanged. `enable_unpadding(model)` switches it on for our encoder and for
-transformers encoders whose self-attention goes through `ALL_ATTENTION_FUNCTIONS` (BERT, RoBERTa, ELECTRA,
-ALBERT, ...); fine-tuning's `unpad=true` calls it (finetune/models.py). The switch survives `copy.deepcopy`
-(EMA and SMART teachers): a copy runs its own weights, packed. The embeddings (lookup, LayerNorm,
-dropout) still run on [B, L], and attention on the re-padded [B, H, L, L] scores.
+A padded batch [B, L] is packed into its T real tokens. Attention, the only op that mixes tokens, runs per
+length group (`Packing.attend`: sequences sorted by length, cut into ATTN_GROUPS groups, each padded to its own
+longest) with padding keys masked, so each example sees exactly its own tokens and the loss and gradients are
+those of the padded batch (tests/test_kernels_unpad.py). The batches themselves are unchanged.
+`enable_unpadding(model)` switches it on for our encoder and for transformers encoders whose self-attention goes
+through `ALL_ATTENTION_FUNCTIONS` (BERT, RoBERTa, ELECTRA, ALBERT, ...); fine-tuning's `unpad` calls it
+(finetune/models.py). The switch survives `copy.deepcopy` (EMA and SMART teachers): a copy runs its own weights,
+packed. The embeddings (lookup, LayerNorm, dropout) still run on [B, L].
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from types import MethodType
 
@@ -25,6 +26,9 @@ from vegalm.model.dropout import FastDropout
 ATTN_NAME = "vegalm_unpad"
 
 
+ATTN_GROUPS = 4  # attention groups per batch: sequences sorted by length, each group padded to its own longest
+
+
 class Packing:
     """Index maps between a padded batch [B, L, ...] and its packed real tokens [T, ...]."""
 
@@ -32,6 +36,7 @@ class Packing:
         self.mask = mask.bool()
         self.shape = tuple(mask.shape)
         self.index = self.mask.flatten().nonzero().squeeze(-1)  # [T] flat positions of real tokens
+        self._groups = None
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L, ...] -> [T, ...]"""
@@ -42,20 +47,57 @@ class Packing:
         out = x.new_zeros((self.shape[0] * self.shape[1], *x.shape[1:]))
         return out.index_copy(0, self.index, x).unflatten(0, self.shape)
 
+    def groups(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Attention groups: the sequences sorted by length and cut into ATTN_GROUPS runs, each padded to its own
+        longest, so that a batch with one long sequence does not pad every row's [L, L] scores to it. Returns
+        ([(gather [b_g * L_g] packed positions (0 at padding), real [b_g, L_g])], inverse [T]): `inverse` puts the
+        groups' real tokens back in packed order. Which examples share the batch is unchanged."""
+        if self._groups is None:
+            lengths = self.mask.sum(1)
+            offsets = torch.cumsum(lengths, 0) - lengths  # packed position of each sequence's first token
+            groups, order = [], []
+            for rows in torch.argsort(lengths, stable=True).tensor_split(min(ATTN_GROUPS, len(lengths))):
+                longest = int(lengths[rows].max()) if len(rows) else 0
+                if longest == 0:
+                    continue
+                t = torch.arange(longest, device=lengths.device)
+                real = t[None, :] < lengths[rows][:, None]  # [b_g, L_g]
+                at = offsets[rows][:, None] + t[None, :]
+                groups.append((at.where(real, 0).flatten(), real))
+                order.append(at[real])
+            self._groups = (groups, torch.argsort(torch.cat(order)))
+        return self._groups
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fn) -> torch.Tensor:
+        """Attention on packed q/k/v [T, H, D], group by group: `fn(q, k, v, real)` gets [b_g, H, L_g, D] tensors
+        and the [b_g, L_g] real-token mask and returns [b_g, H, L_g, D]; the result is [T, H, D], packed. Padding
+        slots hold copies of token 0: their keys must be masked (they then get exactly zero gradient) and their
+        query rows are dropped here."""
+        groups, inverse = self.groups()
+        outs = []
+        for at, real in groups:
+            b, n = real.shape
+            qg, kg, vg = (x.index_select(0, at).unflatten(0, (b, n)).transpose(1, 2) for x in (q, k, v))
+            out = fn(qg, kg, vg, real).transpose(1, 2).flatten(0, 1)  # [b_g * L_g, H, D]
+            outs.append(out[real.flatten()])
+        return torch.cat(outs).index_select(0, inverse)
+
 
 def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
     """transformers attention interface on packed tokens: q/k/v [1, H, T, D], `attention_mask` a Packing.
     Returns [1, T, H, D] like transformers' own kernels."""
     packing: Packing = attention_mask
-    q, k, v = (packing.pad(t[0].transpose(0, 1)).transpose(1, 2) for t in (query, key, value))  # [B, H, L, D]
-    keys = packing.mask[:, None, None, :]
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    if torch.is_grad_enabled():  # training: our kernel (cheap dropout bits, keeps only P for backward)
-        bias = torch.zeros(keys.shape, dtype=q.dtype, device=q.device).masked_fill_(~keys, torch.finfo(q.dtype).min)
-        out = FusedAttention.apply(q, k, v, bias, scale, dropout)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, dropout_p=dropout, scale=scale)
-    return packing.unpad(out.transpose(1, 2))[None], None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+
+    def attend(q, k, v, real):
+        keys = real[:, None, None, :]
+        if torch.is_grad_enabled():  # training: our kernel (cheap dropout bits, keeps only P for backward)
+            bias = torch.zeros(keys.shape, dtype=q.dtype, device=q.device).masked_fill_(~keys, torch.finfo(q.dtype).min)
+            return FusedAttention.apply(q, k, v, bias, scale, dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keys, dropout_p=dropout, scale=scale)
+
+    out = packing.attend(*(t[0].transpose(0, 1) for t in (query, key, value)), attend)  # [T, H, D]
+    return out[None], None
 
 
 def _register() -> None:
@@ -68,6 +110,20 @@ def _hf_supported(encoder: nn.Module) -> bool:
     """True when the encoder's attention dispatches through transformers' ALL_ATTENTION_FUNCTIONS."""
     mod = sys.modules.get(type(encoder).__module__)
     return mod is not None and "ALL_ATTENTION_FUNCTIONS" in vars(mod)
+
+
+@functools.lru_cache(maxsize=None)
+def hf_type_unpads(model_type: str | None) -> bool:
+    """Whether `enable_unpadding` supports transformers' model for `model_type` (checked on a default-config model
+    built on the meta device, so nothing is allocated): what `unpad` unset decides for backend hf."""
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        with torch.device("meta"):
+            model = AutoModel.from_config(AutoConfig.for_model(model_type))
+    except (ValueError, KeyError, ImportError):  # an unknown model_type, or one transformers cannot build
+        return False
+    return _hf_parts(model) is not None
 
 
 def _stash_mask(base: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -99,12 +155,21 @@ def _packed_encoder_forward(self, hidden_states, attention_mask=None, *args, **k
     return out
 
 
-def _enable_hf(model: nn.Module) -> bool:
+def _hf_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, object] | None:
+    """(base model, encoder, config) of a transformers encoder the packed path supports, else None."""
     base = getattr(model, "base_model", model)
     encoder = getattr(base, "encoder", None)
     config = getattr(base, "config", None)
     if encoder is None or config is None or getattr(config, "is_decoder", False) or not _hf_supported(encoder):
+        return None
+    return base, encoder, config
+
+
+def _enable_hf(model: nn.Module) -> bool:
+    parts = _hf_parts(model)
+    if parts is None:
         return False
+    base, encoder, config = parts
     if getattr(encoder, "_vegalm_unpadded", False):
         return True
     _register()

@@ -583,3 +583,12 @@ def _has_accelerator_device() -> bool:
 def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside accelerate's AcceleratedOptimizer wrapper."""
     return getattr(optimizer, "optimizer", optimizer)
+
+
+def native_bf16() -> bool:
+    """True where bf16 matmuls run in hardware: a CUDA GPU with bf16, or a CPU with AMX or AVX512-BF16. Elsewhere
+    a CPU emulates bf16 and autocast is slower than fp32 (fine-tuning's mixed_precision=auto reads this)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private torch.cpu probes (torch >= 2.3)
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)

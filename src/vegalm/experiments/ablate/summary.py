@@ -108,6 +108,7 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         mine = sum(by[(c, t, s)].get("wall_s", 0.0) for t, s in ref_pairs)
         wall[c] = {"total_s": round(own, 1), "per_run_s": round(own / len(pairs), 1) if pairs else None,
                    "vs_vanilla": round(mine / ref, 3) if ref > 0 else None}
+    paired = {c: paired_deltas(cells, c, tasks) for c in combos if c != VANILLA and VANILLA in cells}
     calib: dict[str, dict[str, dict]] = {}
     for c in combos:
         for t in tasks:
@@ -147,6 +148,7 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         "cells": cells,
         "avg": avg,
         "delta_vs_vanilla": delta,
+        "paired_vs_vanilla": paired,
         "task_delta_vs_vanilla": task_delta,
         "task_delta_seeds": task_delta_n,
         "worse_than_vanilla_std": worse,
@@ -158,6 +160,25 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         "anchor": _anchor(records, cells, tasks, combos),
     }
     return summary
+
+
+def paired_deltas(cells: dict, combo: str, tasks: list[str]) -> dict[str, Any]:
+    """Per seed, the combo's task average minus vanilla's on the same seed (seeds with every task in both), their
+    mean, and a one-sided 95% lower bound, mean - t(0.95, n-1) * sd / sqrt(n) (Student t over the n seeds;
+    None with fewer than 2 seeds): `combo` beats vanilla at the 5% level when the bound is above 0."""
+    from scipy.stats import t as student_t
+
+    van = cells[VANILLA]
+    mine = cells.get(combo, {})
+    seeds = sorted(set.intersection(*(set(mine.get(t, {}).get("scores", {})) & set(van.get(t, {}).get("scores", {}))
+                                       for t in tasks)), key=int) if tasks else []
+    per_seed = {k: float(np.mean([mine[t]["scores"][k] - van[t]["scores"][k] for t in tasks])) for k in seeds}
+    d = np.array(list(per_seed.values()))
+    out: dict[str, Any] = {"per_seed": per_seed, "n": len(d), "mean": float(d.mean()) if len(d) else None,
+                           "sd": float(d.std(ddof=1)) if len(d) > 1 else None, "lower_95": None}
+    if len(d) > 1:
+        out["lower_95"] = float(d.mean() - student_t.ppf(0.95, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    return out
 
 
 def _devices(records: list[dict]) -> dict[str, int]:
@@ -180,9 +201,16 @@ def _anchor(records: list[dict], cells: dict, tasks: list[str], combos: list[str
 
 
 def summary_line(summary: dict) -> str:
-    """The machine-readable last line: {"tasks": [...], "seeds": N, "avg": {combo: points}}."""
-    avg = {c: (round(v, 2) if v is not None else None) for c, v in summary["avg"].items()}
-    return json.dumps({"tasks": summary["tasks"], "seeds": len(summary["seeds"]), "avg": avg})
+    """The machine-readable last line: {"tasks": [...], "seeds": N, "seed_list": [...], "avg": {combo: points},
+    "paired": {combo: {"per_seed": {seed: delta}, "mean": ..., "lower_95": ...}}} (paired: vs vanilla)."""
+    def r2(v):
+        return round(v, 2) if v is not None else None
+
+    avg = {c: r2(v) for c, v in summary["avg"].items()}
+    paired = {c: {"per_seed": {k: r2(v) for k, v in p["per_seed"].items()}, "mean": r2(p["mean"]),
+                  "lower_95": r2(p["lower_95"])} for c, p in summary.get("paired_vs_vanilla", {}).items()}
+    return json.dumps({"tasks": summary["tasks"], "seeds": len(summary["seeds"]), "seed_list": summary["seeds"],
+                       "avg": avg, "paired": paired})
 
 
 def _fmt(x: float | None, signed: bool = False, nd: int = 2) -> str:
@@ -200,8 +228,11 @@ def verdict_lines(summary: dict) -> list[str]:
         if c == VANILLA or d.get(c) is None:
             continue
         if head is None or c == head:
+            p = summary.get("paired_vs_vanilla", {}).get(c)
+            bound = (f"; paired over seeds {', '.join(p['per_seed'])}: one-sided 95% lower bound "
+                     f"{_fmt(p['lower_95'], True)}" if p and p["lower_95"] is not None else "")
             lines.append(f"{c} vs vanilla: {_fmt(d[c], True)} points (task average over "
-                         f"{', '.join(summary['tasks'])})")
+                         f"{', '.join(summary['tasks'])}{bound})")
     anchor = summary.get("anchor")
     if anchor:
         for c in ([head] if head else []) + ([VANILLA] if VANILLA in summary["combos"] else []):
