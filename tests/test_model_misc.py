@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from vegalm.errors import VegaError
 from vegalm.model import EncoderConfig, VegaForSequenceClassification, VegaModel
-from vegalm.model.attention import BandBias, FusedAttention, RelBias
+from vegalm.model.attention import BandBias, FusedAttention, RelBias, band_layout
 from vegalm.model.dropout import FastDropout
 from vegalm.model.relpos import diagonals, log_bucket, rel_index
 
@@ -64,6 +64,16 @@ def test_rel_bias_gradcheck_and_values():
     ref = torch.gather(c, -1, full) + torch.gather(p, -1, full.transpose(-1, -2)).transpose(-1, -2)
     assert torch.allclose(RelBias.apply(c, p, idx), ref)
     assert torch.autograd.gradcheck(lambda a, b: RelBias.apply(a, b, idx), (c, p))
+
+
+def test_band_layout_is_chosen_for_cpu_bf16_up_to_twice_the_bucket_rows():
+    """The measured rule (BENCHMARKS.md, band vs gather): bf16/fp16 on a CPU while 2L-1 <= 2P; fp32 and CUDA
+    gather; S1024 with 512 bucket rows gathers (the offset table would be 4x the rows)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert band_layout(torch.bfloat16, cpu, 512, 512) and band_layout(torch.float16, cpu, 128, 255)
+    assert not band_layout(torch.float32, cpu, 128, 255)
+    assert not band_layout(torch.bfloat16, cuda, 128, 255)
+    assert not band_layout(torch.bfloat16, cpu, 1024, 512)
 
 
 @pytest.mark.parametrize("length,span,buckets,max_rel", [(10, 4, 4, 16), (40, 8, 8, 24), (7, 16, 0, 0)])

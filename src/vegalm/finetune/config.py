@@ -17,9 +17,9 @@ from vegalm.config import ConfigError, from_dict, option, to_dict
 from vegalm.data.glue import TaskSpec, get_task, resolve_glue_dir, split_path
 from vegalm.errors import VegaError
 from vegalm.finetune.models import BACKENDS, has_tokenizer, read_model_config, resolve_model_dir
-from vegalm.model.unpad import hf_type_unpads
 from vegalm.finetune.tasks import DEFAULT_SETS, SET_OPTIM, task_defaults
 from vegalm.finetune.stages.wnli import TREATMENTS as WNLI_TREATMENTS
+from vegalm.model.unpad import hf_type_unpads
 from vegalm.train.trainer import TrainConfig, native_bf16
 
 PER_TASK = "unset: the per-task default (finetune/tasks.py)"

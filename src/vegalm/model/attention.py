@@ -153,15 +153,16 @@ class DisentangledSelfAttention(nn.Module):
 
     # ---- fused bias + SDPA ------------------------------------------------------------------------
     def _bias(self, q, k, rel_emb, rel) -> torch.Tensor | None:
-        """c2p + p2c as one [B,H,L,L] tensor, already scaled. In bf16/fp16 (q's dtype under autocast) the index,
-        which depends on i - j only, lays each table out by relative offset: a [B,H,L,2L-1] product read through
-        a strided view (BandBias), no gather and no scatter-add. In fp32 the tables keep their P <= 2L-1 bucket
-        rows and are gathered (RelBias): 2L-1 > P doubles the product's FLOPs at S512, which costs more than the
-        gather in fp32 and less in bf16 (`bench/probes/band_vs_gather.py`, BENCHMARKS.md)."""
+        """c2p + p2c as one [B,H,L,L] tensor, already scaled. On a CPU in bf16/fp16 (q's dtype under autocast)
+        the index, which depends on i - j only, lays each table out by relative offset: a [B,H,L,2L-1] product
+        read through a strided view (BandBias), no gather and no scatter-add. Otherwise (fp32, CUDA, long
+        sequences: `band_layout`) the tables keep their P <= 2L-1 bucket rows and are gathered (RelBias):
+        2L-1 > P doubles the product's FLOPs at S512, which costs more than the gather in fp32 and less in bf16
+        (`bench/probes/band_vs_gather.py`, BENCHMARKS.md)."""
         if not self.terms:
             return None
         used = self.pos_dropout(rel_emb[rel.lo : rel.hi + 1])  # [P, h], P <= 2L-1
-        band = band_layout(q.dtype)
+        band = band_layout(q.dtype, q.device, q.shape[-2], rel.hi - rel.lo + 1)
         c2p = p2c = None
         if "c2p" in self.terms:  # scale the small [H,P,D] table, not the [B,H,L,L] result
             table = self._pos_proj(used, "k") * self.scale
@@ -229,9 +230,11 @@ class DisentangledSelfAttention(nn.Module):
         return _flex_attention()(q, k, v, score_mod=score_mod, scale=self.scale)
 
 
-def band_layout(dtype: torch.dtype) -> bool:
-    """Whether `_bias` lays its tables out by relative offset (BandBias) rather than gathering (RelBias)."""
-    return dtype in (torch.bfloat16, torch.float16)
+def band_layout(dtype: torch.dtype, device: torch.device, length: int, rows: int) -> bool:
+    """Whether `_bias` lays its tables out by relative offset (BandBias) rather than gathering its `rows` bucket
+    rows (RelBias): on a CPU in bf16/fp16, where it was measured faster, and only while the 2L-1 offsets are at
+    most twice the rows (S512 with 256 buckets: 1023 vs 512; at S1024 it would be 4x the product's FLOPs)."""
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and 2 * length - 1 <= 2 * rows
 
 
 def _band(t: torch.Tensor) -> torch.Tensor:

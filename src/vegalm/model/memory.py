@@ -133,7 +133,7 @@ def layer_activation_bytes(cfg: EncoderConfig, batch: int, seq_len: int, dtype: 
     # LayerNorm's input, its output (read by intermediate.dense), the second LayerNorm's input
     elems += 2 * n * f  # [B, L, FFN]: the GELU input and the GELU output (read by output.dense)
     elems += square  # the softmax probabilities (FusedAttention keeps only these of the [B, L, L] matrices)
-    w = 2 * seq_len - 1 if _band(dtype) else p  # table rows: one per relative offset (BandBias) or per bucket
+    w = 2 * seq_len - 1 if _band(dtype, seq_len, p) else p  # table rows: per relative offset (BandBias) or bucket
     elems += terms * batch * w * h  # per position term, the scaled [H, w, D] table; for B > 1 matmul(q [B,H,L,D],
     # table [H,D,w]) saves the table broadcast to [B*H, D, w] (a copy) and a contiguous copy of q (or k):
     elems += terms * n * h if batch > 1 else 0  # (for B = 1 both are views of tensors counted already)
@@ -146,9 +146,9 @@ def layer_activation_bytes(cfg: EncoderConfig, batch: int, seq_len: int, dtype: 
     return elems * s + mask + stats
 
 
-def _band(dtype: str) -> bool:
-    """attention.py `_bias`: reduced-precision tables take the BandBias layout, fp32 the gathered RelBias one."""
-    return dtype_bytes(dtype) == 2
+def _band(dtype: str, seq_len: int, rows: int) -> bool:
+    """attention.py `band_layout` on a CPU: bf16 tables up to 2L-1 <= 2P take the BandBias layout, else RelBias."""
+    return dtype_bytes(dtype) == 2 and 2 * seq_len - 1 <= 2 * rows
 
 
 def _shared_bytes(cfg: EncoderConfig, seq_len: int, dtype: str, checkpointing: bool) -> int:
@@ -161,7 +161,7 @@ def _shared_bytes(cfg: EncoderConfig, seq_len: int, dtype: str, checkpointing: b
     if checkpointing or (terms and cfg.hidden_dropout_prob == 0):
         out += rows * h * s  # the normed table itself: a checkpoint input, or sliced straight into the layers
     if terms and not checkpointing:
-        if _band(dtype):
+        if _band(dtype, seq_len, rel_rows(cfg, seq_len)):
             out += 2 * (2 * seq_len - 1) * INDEX_BYTES  # the [2L-1] offset -> row index and its reverse
         else:
             out += seq_len * seq_len * INDEX_BYTES  # RelBias keeps the index (checkpointing rebuilds it in backward)
