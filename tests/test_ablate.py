@@ -13,7 +13,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +28,7 @@ from accelerate.state import AcceleratorState
 
 from vegalm.config import ConfigError
 from vegalm.data import glue as glue_data
-from vegalm.errors import VegaError
+from vegalm.errors import VegaError, WorkersInterrupted
 from vegalm.experiments import ablate
 from vegalm.data.glue import load_extra_train
 from vegalm.finetune.config import FinetuneConfig, config_hash, resolve
@@ -476,3 +481,57 @@ def test_cli_errors_are_one_line(tiny_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and expected in err, err
     assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()  # nothing ran
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (Linux /proc)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.is_file() and stat.read_text().split(")")[-1].split()[0] == "Z")  # a zombie is gone
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_parallel_sweep_stops_its_workers_too(tiny_dir, tmp_path):
+    """`vegalm ablate --jobs 2` SIGTERMed, the parent only (as a scheduler would): it forwards the signal, both
+    fine-tuning workers stop at a step boundary with a checkpoint, and it exits 143 with one line. Before
+    workers.supervised_pool the parent died at once and left both workers training as orphans."""
+    from vegalm.train.checkpoint import latest_checkpoint
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "vegalm.cli", "ablate", "--model", str(tiny_dir), "--tasks", "rte", "--seeds", "2",
+           "--tricks", "vanilla", "--jobs", "2", "--out", str(out), "--results-dir", str(tmp_path / "results"),
+           "--model-tag", "tiny", "max_steps=100000", "batch_size=4", "train.log_every=1", "checkpoint_every=5",
+           "eval_test=false", "progress=false", f"glue_dir={GLUE_DIR}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "ablate.log"
+    with open(log, "w", encoding="utf-8") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    metrics = [out / "vanilla" / "rte" / f"seed{s}" / "metrics.jsonl" for s in (0, 1)]
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline:
+        if all(m.is_file() and len(m.read_text().splitlines()) >= 6 for m in metrics):  # both past a checkpoint
+            break
+        time.sleep(0.1)
+    workers = _children(proc.pid)
+    assert proc.poll() is None and len(workers) >= 2, log.read_text()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=180)
+    text = log.read_text()
+    assert rc == 143 and "Traceback" not in text, text[-3000:]
+    assert [ln for ln in text.splitlines() if ln.startswith("interrupted")] == [str(WorkersInterrupted(15))], text
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)], "workers outlived the sweep"
+    for s in (0, 1):
+        assert latest_checkpoint(out / "vanilla" / "rte" / f"seed{s}" / "checkpoints") is not None, s

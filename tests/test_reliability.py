@@ -174,8 +174,8 @@ def test_sigterm_run_with_two_workers_checkpoints_both_then_resumes(setup, tmp_p
     text = log.read_text()
     assert rc == 143 and "Traceback" not in text, text[-3000:]
     assert [ln for ln in text.splitlines() if ln.startswith("interrupted")] == [
-        "interrupted: the workers stopped at a step boundary (pretraining saved a checkpoint); run the same "
-        "command again to resume"], text[-3000:]
+        "interrupted: the workers stopped at a step boundary (pretraining, and fine-tuning with checkpoint_every, "
+        "saved a checkpoint; finished runs are cached); run the same command again to resume"], text[-3000:]
     for name in ("rtd", "mlm"):
         ckpt = latest_checkpoint(out / name / "phase1" / "checkpoints")
         assert ckpt is not None and not (out / name / "phase1" / "done.json").exists(), name

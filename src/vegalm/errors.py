@@ -26,13 +26,15 @@ class Interrupted(KeyboardInterrupt):
 
 
 class WorkersInterrupted(Interrupted):
-    """SIGINT / SIGTERM stopped `vegalm run --jobs N`: its workers stopped at a step boundary (pretraining saves a
-    checkpoint there) and the parent waited for them."""
+    """SIGINT / SIGTERM stopped `vegalm run --jobs N` or `vegalm ablate --jobs N` (workers.supervised_pool): its
+    workers stopped at a step boundary (pretraining, and fine-tuning with checkpoint_every, save a checkpoint
+    there) and the parent waited for them."""
 
     def __init__(self, signum: int):
         self.step, self.checkpoint, self.signum = None, None, signum
-        KeyboardInterrupt.__init__(self, "interrupted: the workers stopped at a step boundary (pretraining saved a "
-                                         "checkpoint); run the same command again to resume")
+        KeyboardInterrupt.__init__(self, "interrupted: the workers stopped at a step boundary (pretraining, and "
+                                         "fine-tuning with checkpoint_every, saved a checkpoint; finished runs are "
+                                         "cached); run the same command again to resume")
 
     def __reduce__(self):
         return type(self), (self.signum,)

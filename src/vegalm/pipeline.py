@@ -24,13 +24,12 @@ import html
 import json
 import logging
 import os
-import signal
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vegalm.errors import VegaError, WorkersInterrupted
+from vegalm.errors import VegaError
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +129,7 @@ def _side_by_side(models: dict[str, RecipeConfig], out: Path, retrain: bool, job
     from vegalm.experiments.glue import plan_glue, run_glue
     from vegalm.finetune.run import run_finetune
     from vegalm.pretrain.run import prepare_data
-    from vegalm.train.interrupt import StopSignals
-    from vegalm.workers import process_pool, stop_pool, threads_per_worker
+    from vegalm.workers import supervised_pool, threads_per_worker
 
     _stage("tokenizer and packed segments (shared by both models)")
     prepare_data(models["rtd"], out / "rtd", out / "data", out / "tokenizer", retrain)
@@ -144,24 +142,24 @@ def _side_by_side(models: dict[str, RecipeConfig], out: Path, retrain: bool, job
     steps = tqdm(total=total, desc="pretraining", unit="step", position=0)
     runs = tqdm(total=n_glue, desc="glue runs", unit="run", position=1)
     pre: dict[str, dict] = {}
-    pool = process_pool(jobs, log_level=logging.getLogger().getEffectiveLevel())
+    todo: dict = {}
+
+    def report() -> None:  # after a stop: what each worker ended with
+        for fut, (name, run) in todo.items():
+            err = fut.exception() if fut.done() and not fut.cancelled() else None
+            log.info("%s %s: %s", name, "pretraining" if run is None else run, err or "stopped")
+
     try:
-        with StopSignals() as stop:  # SIGINT / SIGTERM: stop the workers at a step boundary, then raise
-            todo = {pool.submit(_pretrain, _quiet(rc), out, name, retrain): (name, None) for name, rc in models.items()}
+        with supervised_pool(jobs, logging.getLogger().getEffectiveLevel(), on_stop=report) as (pool, check):
+            todo.update({pool.submit(_pretrain, _quiet(rc), out, name, retrain): (name, None)
+                         for name, rc in models.items()})
             while todo:
                 finished, _ = cf.wait(todo, timeout=1, return_when=cf.FIRST_COMPLETED)
                 steps.update(_steps_done(out, models) - steps.n)
-                if stop.pending:
-                    stop.acknowledge()
-                    # a terminal's Ctrl-C reached the workers too; a SIGTERM may have been sent to this process only
-                    stop_pool(pool, grace_s=120, forward=signal.SIGTERM if stop.pending == signal.SIGTERM else None)
-                    for fut, (name, run) in todo.items():  # what each worker ended with
-                        err = fut.exception() if fut.done() and not fut.cancelled() else None
-                        log.info("%s %s: %s", name, "pretraining" if run is None else run, err or "stopped")
-                    raise WorkersInterrupted(stop.pending)
+                check()
                 for fut in finished:
                     name, run = todo.pop(fut)
-                    res = fut.result()  # a failed job stops the others (below) and raises here
+                    res = fut.result()  # a failed job stops the others (supervised_pool) and raises here
                     if run is None:  # a model is exported: queue its fine-tuning runs
                         pre[name] = res
                         plan = plan_glue(res["model_path"], g.tasks, g.seeds, out / "glue" / name,
@@ -170,15 +168,9 @@ def _side_by_side(models: dict[str, RecipeConfig], out: Path, retrain: bool, job
                     else:
                         runs.update(1)
                         runs.set_postfix_str(f"{name} {run[0]} seed {run[1]}: {res['dev_score']:.2f}")
-    except WorkersInterrupted:  # the workers are stopped already
-        raise
-    except BaseException:  # a failed job, or a second signal: SIGTERM the workers (they checkpoint and exit)
-        stop_pool(pool)
-        raise
     finally:
         steps.close()
         runs.close()
-    pool.shutdown()
     glue = {name: run_glue(pre[name]["model_path"], g.tasks, g.seeds, out / "glue" / name,
                            **{**g.settings, "progress": False})  # all cached: the same runs, no new bar
             for name in models}  # fmt: skip

@@ -8,11 +8,17 @@ cores // N torch threads, unless OMP_NUM_THREADS pins them.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import multiprocessing as mp
 from multiprocessing.connection import wait as wait_for
 import os
+import signal
 import time
+from collections.abc import Callable, Iterator
+
+from vegalm.errors import WorkersInterrupted
+from vegalm.train.interrupt import StopSignals
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the CLI's and its workers' log lines
 
@@ -61,4 +67,36 @@ def stop_pool(pool: cf.ProcessPoolExecutor, grace_s: float = 0.0, forward: int |
         proc.terminate()
 
 
-__all__ = ["LOG_FORMAT", "threads_per_worker", "process_pool", "stop_pool"]
+@contextlib.contextmanager
+def supervised_pool(n_workers: int, log_level: int = logging.WARNING,
+                    on_stop: Callable[[], None] | None = None) -> Iterator[tuple[cf.ProcessPoolExecutor, Callable]]:
+    """`process_pool` for a parent that waits on its workers, yielding (pool, check). The parent must call
+    `check()` at least once a second while it waits (`cf.wait(..., timeout=1)`).
+
+    SIGINT / SIGTERM to the parent stop the workers at a step boundary, and then `check()` raises
+    WorkersInterrupted. A SIGTERM sent to the parent alone is forwarded. A terminal's Ctrl-C has already reached
+    the workers, so they get 120 s to end on their own instead of a second signal, which would end them
+    mid-checkpoint. `on_stop()` runs after they are stopped, e.g. to log what each was doing. A failed job, or a
+    second signal, SIGTERMs the workers. Without this a signal to the parent killed it and left the workers
+    running as orphans."""
+    pool = process_pool(n_workers, log_level)
+    try:
+        with StopSignals() as stop:
+            def check() -> None:
+                if stop.pending:
+                    stop.acknowledge()
+                    stop_pool(pool, grace_s=120, forward=signal.SIGTERM if stop.pending == signal.SIGTERM else None)
+                    if on_stop is not None:
+                        on_stop()
+                    raise WorkersInterrupted(stop.pending)
+
+            yield pool, check
+    except WorkersInterrupted:  # the workers are stopped already
+        raise
+    except BaseException:  # a failed job, or a second signal: SIGTERM the workers (they checkpoint and exit)
+        stop_pool(pool)
+        raise
+    pool.shutdown()
+
+
+__all__ = ["LOG_FORMAT", "threads_per_worker", "process_pool", "stop_pool", "supervised_pool"]

@@ -16,7 +16,7 @@ from vegalm.experiments.ablate.summary import ANCHOR_MODEL, summarize, write_rep
 from vegalm.finetune.naming import model_tag
 from vegalm.finetune.stages.self_training import PSEUDO_FRACTION
 from vegalm.io import write_if_changed
-from vegalm.workers import process_pool
+from vegalm.workers import supervised_pool
 
 log = logging.getLogger(__name__)
 
@@ -95,33 +95,35 @@ def _run_job(job: list[tuple[Combo, str, int]], ctx: dict) -> list[tuple[dict, i
 
 def _run_parallel(jobs: list, ctx: dict, n_workers: int, bar) -> tuple[list[dict], int, list[str]]:
     """Run `jobs` in `n_workers` spawned processes: (records, runs trained, failed jobs). A failed job
-    does not stop the others."""
+    does not stop the others. SIGINT / SIGTERM to this process stop the workers too (`supervised_pool`) and
+    raise WorkersInterrupted; the records of the runs that ended are written already, and the same command
+    continues with the rest."""
     import concurrent.futures as cf
 
     records: list[dict] = []
     trained = 0
     failed: list[str] = []
-    pool = process_pool(n_workers)
-    try:
-        futures = {pool.submit(_run_job, job, ctx): job for job in jobs}
-        for fut in cf.as_completed(futures):
-            job = futures[fut]
-            try:
-                done = fut.result()
-            except Exception as e:  # noqa: BLE001 - one failed job must not lose the others' runs
-                names = ", ".join(f"{c.name} {t} seed {s}" for c, t, s in job)
-                log.error("ablation job [%s] failed: %s: %s", names, type(e).__name__, e)
-                failed.append(f"[{names}]: {type(e).__name__}: {e}")
+    with supervised_pool(n_workers) as (pool, check):
+        todo = {pool.submit(_run_job, job, ctx): job for job in jobs}
+        while todo:
+            finished, _ = cf.wait(todo, timeout=1, return_when=cf.FIRST_COMPLETED)
+            check()
+            for fut in finished:
+                job = todo.pop(fut)
+                try:
+                    done = fut.result()
+                except Exception as e:  # noqa: BLE001 - one failed job must not lose the others' runs
+                    names = ", ".join(f"{c.name} {t} seed {s}" for c, t, s in job)
+                    log.error("ablation job [%s] failed: %s: %s", names, type(e).__name__, e)
+                    failed.append(f"[{names}]: {type(e).__name__}: {e}")
+                    bar.update(len(job))
+                    continue
+                for rec, n in done:
+                    if rec is not None:
+                        records.append(rec)
+                    trained += n
                 bar.update(len(job))
-                continue
-            for rec, n in done:
-                if rec is not None:
-                    records.append(rec)
-                trained += n
-            bar.update(len(job))
-            bar.set_postfix_str(f"done: {job[-1][0].name} {job[-1][1]} seed {job[-1][2]}")
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+                bar.set_postfix_str(f"done: {job[-1][0].name} {job[-1][1]} seed {job[-1][2]}")
     return records, trained, failed
 
 
