@@ -90,17 +90,24 @@ def test_grouped_attention_matches_padded_attention(left):
 
 
 @pytest.mark.parametrize("impl", ["eager", "fused", "sdpa"])
-def test_vega_unpadded_matches_padded(impl):
+@pytest.mark.parametrize("layout", ["right", "hole"])
+def test_vega_unpadded_matches_padded(impl, layout):
+    """Right padding runs the length groups; a mask with a hole in a row (relative positions are measured in the
+    padded layout, which groups would not keep) runs the batch padded as one group."""
     torch.manual_seed(0)
     cfg = EncoderConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                        position_buckets=8, max_position_embeddings=64, attn_impl=impl)
+                        position_buckets=8, max_position_embeddings=64, attn_impl=impl,
+                        initializer_range=0.3)  # attention far from uniform: relative positions show in the logits
     padded = VegaForSequenceClassification(cfg, num_labels=3).train()
     unpadded = copy.deepcopy(padded)
     assert enable_unpadding(unpadded)
     lengths = [17, 5, 11, 2]
     ids = torch.randint(5, 300, (4, 17))
     mask = (torch.arange(17)[None] < torch.tensor(lengths)[:, None]).long()
+    if layout == "hole":
+        mask[0, 6:9] = 0
+    assert Packing(mask).contiguous() == (layout == "right")
     ids = ids * mask
     _compare(padded, unpadded, {"input_ids": ids, "attention_mask": mask}, torch.tensor([0, 2, 1, 2]))
 

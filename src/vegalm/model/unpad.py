@@ -47,6 +47,13 @@ class Packing:
         out = x.new_zeros((self.shape[0] * self.shape[1], *x.shape[1:]))
         return out.index_copy(0, self.index, x).unflatten(0, self.shape)
 
+    def contiguous(self) -> bool:
+        """Whether every row's real tokens form one run (right or left padding, as tokenizers make). Groups put a
+        sequence's tokens side by side, which keeps the distance between two of them only then."""
+        m = self.mask
+        starts = m[:, :1].sum(1) + (m[:, 1:] & ~m[:, :-1]).sum(1)  # runs of real tokens per row
+        return bool((starts <= 1).all())
+
     def groups(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Attention groups: the sequences sorted by length and cut into ATTN_GROUPS runs, each padded to its own
         longest, so that a batch with one long sequence does not pad every row's [L, L] scores to it. Returns
@@ -73,6 +80,9 @@ class Packing:
         and the [b_g, L_g] real-token mask and returns [b_g, H, L_g, D]; the result is [T, H, D], packed. Padding
         slots hold copies of token 0: their keys must be masked (they then get exactly zero gradient) and their
         query rows are dropped here."""
+        if not self.contiguous():  # a row with a hole: its padded layout is what relative positions are measured in
+            out = fn(*(self.pad(x).transpose(1, 2) for x in (q, k, v)), self.mask)  # [B, H, L, D]
+            return self.unpad(out.transpose(1, 2))
         groups, inverse = self.groups()
         outs = []
         for at, real in groups:
