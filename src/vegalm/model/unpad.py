@@ -37,6 +37,7 @@ class Packing:
         self.shape = tuple(mask.shape)
         self.index = self.mask.flatten().nonzero().squeeze(-1)  # [T] flat positions of real tokens
         self._groups = None
+        self._contiguous = None
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L, ...] -> [T, ...]"""
@@ -50,9 +51,11 @@ class Packing:
     def contiguous(self) -> bool:
         """Whether every row's real tokens form one run (right or left padding, as tokenizers make). Groups put a
         sequence's tokens side by side, which keeps the distance between two of them only then."""
-        m = self.mask
-        starts = m[:, :1].sum(1) + (m[:, 1:] & ~m[:, :-1]).sum(1)  # runs of real tokens per row
-        return bool((starts <= 1).all())
+        if self._contiguous is None:  # once per batch, not per layer
+            m = self.mask
+            starts = m[:, :1].sum(1) + (m[:, 1:] & ~m[:, :-1]).sum(1)  # runs of real tokens per row
+            self._contiguous = bool((starts <= 1).all())
+        return self._contiguous
 
     def groups(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Attention groups: the sequences sorted by length and cut into ATTN_GROUPS runs, each padded to its own
