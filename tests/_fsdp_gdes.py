@@ -7,7 +7,6 @@ vs off, and the parameter dtypes under the bf16 policy.
 
 from __future__ import annotations
 
-import gc
 import json
 
 import torch
@@ -16,6 +15,8 @@ import torch.distributed as dist
 from vegalm.model import EncoderConfig
 from vegalm.pretrain.rtd import ObjectiveConfig, RTDModel
 from vegalm.train.fsdp import shard_model
+
+import _torchrun  # tests/, the script's own folder
 
 CFG = EncoderConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                     max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -84,8 +85,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # The sharded models (and the device meshes their DTensors hold) are gone with main's frame; tearing the
-    # process group down while they were alive let gloo abort one rank at exit in ~1 run of 3.
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    _torchrun.finish()  # after main's frame, and the sharded models with it, are gone

@@ -24,6 +24,8 @@ from vegalm.model import VegaForMaskedLM, VegaForRTD, config_for_size
 from vegalm.model.memory import estimate_memory, local_elements
 from vegalm.train.fsdp import local_numel, shard_model
 
+import _torchrun  # tests/, the script's own folder
+
 LAYERS = 2  # full width, 2 of the 48 (vega-1.3b) / 24 (large) layers
 VOCAB = 1001  # small for RAM, and odd on purpose: the embedding's 1001 rows split 501 + 500 over 2 ranks
 BATCH, SEQ = 1, 32
@@ -86,15 +88,13 @@ def main() -> None:
     # the root unit; nothing here changes them in place (in pretraining the root is RTDModel, returning a dict)
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     dist.init_process_group("gloo")
-    try:
-        mine = [run(size) for size in args.sizes.split(",")]
-        every = [None] * dist.get_world_size()
-        dist.all_gather_object(every, mine)
-        if dist.get_rank() == 0:
-            print("FSDP_SCALE " + json.dumps([r for ranks in zip(*every) for r in ranks]), flush=True)
-    finally:
-        dist.destroy_process_group()
+    mine = [run(size) for size in args.sizes.split(",")]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if dist.get_rank() == 0:
+        print("FSDP_SCALE " + json.dumps([r for ranks in zip(*every) for r in ranks]), flush=True)
 
 
 if __name__ == "__main__":
     main()
+    _torchrun.finish()  # after run()'s sharded models are gone with their frames

@@ -3,11 +3,14 @@ on loopback."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import torch.distributed as dist
 
 
 def launcher() -> list[str]:
@@ -28,6 +31,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def finish() -> None:
+    """The end of a script run under torchrun: collect the sharded models (their DTensors hold device meshes) and
+    meet the other ranks before the process group goes. Destroying it while one rank still held them, or while the
+    other rank was still in its last collective, let gloo abort a rank at exit (`terminate called without an active
+    exception`, SIGABRT): ~1 run in 3 of tests/_fsdp_gdes.py, and once in CI for tests/_fsdp_scale.py."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run(args: list[str], nproc: int = 2, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:

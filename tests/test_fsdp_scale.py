@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent / "_fsdp_scale.py"
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+import _torchrun  # noqa: E402
+
+SCRIPT = TESTS / "_fsdp_scale.py"
 WORLD = 2
 
 pytestmark = pytest.mark.skipif(
@@ -29,12 +31,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def ranks() -> list[dict]:
-    torchrun_bin = Path(sys.executable).with_name("torchrun")
-    launcher = [str(torchrun_bin)] if torchrun_bin.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    cmd = [*launcher, "--standalone", "--nproc_per_node", str(WORLD), str(SCRIPT), "--sizes", "vega-1.3b,large"]
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = _torchrun.run([str(SCRIPT), "--sizes", "vega-1.3b,large"], nproc=WORLD, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FSDP_SCALE ")]
     assert len(lines) == 1, proc.stdout[-2000:]  # printed by the main process only
