@@ -19,6 +19,7 @@ from vegalm.errors import VegaError
 from vegalm.finetune.models import BACKENDS, has_tokenizer, read_model_config, resolve_model_dir
 from vegalm.finetune.tasks import DEFAULT_SETS, SET_OPTIM, task_defaults
 from vegalm.finetune.stages.wnli import TREATMENTS as WNLI_TREATMENTS
+from vegalm.model.pooling import POOLINGS
 from vegalm.model.unpad import hf_type_unpads
 from vegalm.train.trainer import TrainConfig, native_bf16
 
@@ -105,6 +106,10 @@ class FinetuneConfig:
                                 "padding in the token-wise work; backend vegalm, or hf models with transformers' "
                                 "attention interface (BERT, RoBERTa, MiniLM). Unset: on where supported",
                                 default=None)
+    pooling: str = option("what the classification head reads: cls (the first token, as the model's own head) | "
+                          "mean (the mean of the last layer over the real tokens; the pooling sentence-transformers "
+                          "models such as minilm-l6 were trained with). Not saved in out/model's config: see "
+                          "docs/finetuning.md", default="cls")
     train: FinetuneTrain = field(default_factory=FinetuneTrain)
 
     @classmethod
@@ -121,6 +126,7 @@ class FinetuneConfig:
             ("backend", self.backend in BACKENDS, f"one of {', '.join(BACKENDS)}"),
             ("defaults", self.defaults in DEFAULT_SETS, f"one of {', '.join(DEFAULT_SETS)}"),
             ("wnli_treatment", self.wnli_treatment in WNLI_TREATMENTS, f"one of {', '.join(WNLI_TREATMENTS)}"),
+            ("pooling", self.pooling in POOLINGS, f"one of {', '.join(POOLINGS)}"),
             ("layerwise_lr_decay", 0.0 < self.layerwise_lr_decay <= 1.0, "in (0, 1]"),
             ("reinit_top_layers", self.reinit_top_layers >= 0, ">= 0"),
             ("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1)"),
@@ -256,6 +262,8 @@ def resolve(cfg: FinetuneConfig | dict) -> dict[str, Any]:
         out.pop("allow_new_weights")
     if not out["unpad"]:
         out.pop("unpad")  # on, it changes the dropout stream (masks over packed tokens); off, older keys stay valid
+    if cfg.pooling == "cls":
+        out.pop("pooling")  # the models' own head; older keys stay valid
     if spec.name != "wnli" or cfg.wnli_treatment == "none":
         out.pop("wnli_treatment")  # only a WNLI run is changed by it; older keys stay valid
     return out

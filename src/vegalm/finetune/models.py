@@ -17,6 +17,7 @@ from torch import nn
 from vegalm.config import ConfigError
 from vegalm.errors import VegaError
 from vegalm.hub import resolve_pretrained
+from vegalm.model.pooling import use_mean_pooling
 from vegalm.model.unpad import enable_unpadding, use_fast_dropout
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,8 @@ def build_model(resolved: dict[str, Any], num_labels: int) -> tuple[nn.Module, l
     encoder weight raises WeightsMismatchError unless `allow_new_weights`; a new head is logged once.
     With `unpad`, the model runs its layers on the packed real tokens (model/unpad.py), in training and
     in evaluation alike (predict.py calls the same model; EMA / teacher copies keep the switch), and its
-    nn.Dropout layers draw FastDropout's cheaper masks (same rate, another random stream)."""
+    nn.Dropout layers draw FastDropout's cheaper masks (same rate, another random stream). With `pooling=mean`,
+    the head reads the masked mean of the last layer instead of the first token (model/pooling.py)."""
     model, fresh = _load_model(resolved, num_labels)
     if resolved.get("unpad"):
         if not enable_unpadding(model):
@@ -136,6 +138,9 @@ def build_model(resolved: dict[str, Any], num_labels: int) -> tuple[nn.Module, l
                               f"(model_type {resolved.get('model_type')!r}: its attention does not go through "
                               "transformers' attention interface); set unpad=false")
         use_fast_dropout(model)
+    if resolved.get("pooling", "cls") == "mean" and not use_mean_pooling(model):
+        raise ConfigError(f"pooling: mean needs an encoder module below {type(model).__name__}'s base model "
+                          f"(model_type {resolved.get('model_type')!r} has none); set pooling=cls")
     return model, fresh
 
 

@@ -139,6 +139,17 @@ def hf_type_unpads(model_type: str | None) -> bool:
     return _hf_parts(model) is not None
 
 
+def keep_mask_for_encoder(base: nn.Module) -> None:
+    """Hooks that put the base model's 2-D attention_mask on `base.encoder._vegalm_mask` for the length of each
+    forward (None between calls); idempotent. The packed path and mean pooling (model/pooling.py) read it."""
+    if getattr(base, "_vegalm_mask_kept", False):
+        return
+    base.register_forward_pre_hook(_stash_mask, with_kwargs=True)
+    base.register_forward_hook(_drop_mask)
+    base.encoder._vegalm_mask = None
+    base._vegalm_mask_kept = True
+
+
 def _stash_mask(base: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook of the base model: keep its 2-D attention_mask for the encoder (the encoder itself
     receives transformers' 4-D additive mask). A module-level function of the module it gets, not a
@@ -187,9 +198,7 @@ def _enable_hf(model: nn.Module) -> bool:
         return True
     _register()
     encoder._vegalm_config = config  # the layers' config (a deepcopy copies both to one new object)
-    base.register_forward_pre_hook(_stash_mask, with_kwargs=True)
-    base.register_forward_hook(_drop_mask)
-    encoder._vegalm_mask = None
+    keep_mask_for_encoder(base)
     encoder.forward = MethodType(_packed_encoder_forward, encoder)
     encoder._vegalm_unpadded = True
     return True
