@@ -252,3 +252,60 @@ def test_head_is_fresh_from_encoder_checkpoint_and_reinit_on_mismatch(saved):
     m2 = VegaForSequenceClassification.from_pretrained(saved / "cls3", num_labels=2, reinit_head=True)
     assert m2.classifier.weight.shape == (2, 32) and "classifier.weight" in m2.loaded_fresh_keys
     assert torch.equal(m2.pooler.dense.weight, m.pooler.dense.weight)  # the pooler is kept
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "bf16-input"])
+def test_gelu_linear_is_the_eager_twin_in_values_and_gradients(approximate, dtype):
+    """model/ffn.py against `linear(F.gelu(h))` under plain autograd: output, dh, dW, db; fp32, and bf16 autocast
+    (fp32 weights, bf16 compute, as in training) with an fp32 or a bf16 input (the layer's intermediate.dense
+    output is bf16), on [B, L, FFN] and packed [T, FFN] inputs. On this CPU the two agree to the bit."""
+    from vegalm.model.ffn import _GeluLinear, gelu_linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 16)
+    for shape in ((3, 7, 48), (11, 48)):
+        h = torch.randn(*shape).to(torch.bfloat16 if dtype == "bf16-input" else torch.float32).requires_grad_()
+        g = torch.randn(*shape[:-1], 16)
+        grads = []
+        for fast in (False, True):
+            amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != "fp32")
+            with amp:
+                out = gelu_linear(h, lin, approximate) if fast else lin(F.gelu(h, approximate=approximate))
+            dh, dw, db = torch.autograd.grad(out, (h, lin.weight, lin.bias), g.to(out.dtype))
+            grads.append((out, dh, dw, db))
+        (ref, *ref_g), (got, *got_g) = grads
+        assert got.dtype == ref.dtype and all(a.dtype == b.dtype for a, b in zip(got_g, ref_g))
+        tol = dict(atol=1e-6, rtol=1e-5) if dtype == "fp32" else dict(atol=1e-5, rtol=8e-3)  # bf16: 1 ulp
+        torch.testing.assert_close(got, ref, **tol)
+        for a, b in zip(got_g, ref_g):
+            torch.testing.assert_close(a, b, **tol)
+    h64 = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w64, b64 = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((3, 6), (3,)))
+    assert torch.autograd.gradcheck(lambda x, w, b: _GeluLinear.apply(x, w, b, approximate), (h64, w64, b64))
+
+
+def test_layer_keeps_the_gelu_input_only():
+    """A training forward of the default layer saves one [B, L, FFN] tensor fewer than attn_impl=eager's."""
+    cfg = EncoderConfig(**{**SMALL.__dict__, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+    torch.manual_seed(0)
+    m = VegaModel(cfg).train()
+    ids = torch.randint(5, 100, (2, 30))
+
+    def ffn_sized():
+        seen = {}
+
+        def pack(t):
+            if t.shape[-1] == cfg.intermediate_size and t.dim() >= 2 and t.numel() >= 2 * 30 * cfg.intermediate_size:
+                seen[t.untyped_storage().data_ptr()] = t.shape
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(ids).last_hidden_state.sum().backward()
+        return len(seen)
+
+    recompute = ffn_sized()
+    for mod in m.modules():
+        if hasattr(mod, "impl"):
+            mod.impl = "eager"
+    assert ffn_sized() == 2 * cfg.num_hidden_layers and recompute == cfg.num_hidden_layers

@@ -168,12 +168,12 @@ class DisentangledSelfAttention(nn.Module):
             table = self._pos_proj(used, "k") * self.scale
             if band:
                 table = table.index_select(-2, rel.diag_rev)  # row m: relative offset j - i = m - (L-1)
-            c2p = q @ table.transpose(-1, -2)  # [B,H,L,P] or, band, [B,H,L,2L-1]
+            c2p = _per_head(q, table)  # [B,H,L,P] or, band, [B,H,L,2L-1]
         if "p2c" in self.terms:
             table = self._pos_proj(used, "q") * self.scale
             if band:
                 table = table.index_select(-2, rel.diag)  # row m: i - j = m - (L-1)
-            p2c = k @ table.transpose(-1, -2)  # [B,H,L(key),P] or [B,H,L(key),2L-1]
+            p2c = _per_head(k, table)  # [B,H,L(key),P] or [B,H,L(key),2L-1]
         return BandBias.apply(c2p, p2c) if band else RelBias.apply(c2p, p2c, rel.idx)
 
     def _biased(self, q, k, v, pad, rel_emb, rel, fused: bool):
@@ -230,6 +230,23 @@ class DisentangledSelfAttention(nn.Module):
         return _flex_attention()(q, k, v, score_mod=score_mod, scale=self.scale)
 
 
+def _per_head(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """x [B,H,L,D] @ table[h]^T for each head: [B,H,L,W], as H matmuls of [B*L, D] x [D, W]. Broadcasting
+    `x @ table.transpose(-1, -2)` instead copies the table B times and x once into [B*H, ...] layouts and keeps
+    both copies for backward (2 x 4 MB per term and layer at B8 x S512, h 256); here x [B,H,L,D], a transposed
+    view of the [B, L, H*D] projection, folds into [H, B*L, D] as a view, and the result is a [B,H,L,W] view of
+    [H, B, L, W]."""
+    B, H, L, D = x.shape
+    out = torch.bmm(x.transpose(0, 1).reshape(H, B * L, D), table.transpose(-1, -2))
+    return out.view(H, B, L, -1).transpose(0, 1)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t with contiguous rows in its last two dims (what `_band` reads); the outer two may be in any order."""
+    W = t.shape[-1]
+    return t if t.stride(-1) == 1 and t.stride(-2) == W else t.contiguous()
+
+
 def band_layout(dtype: torch.dtype, device: torch.device, length: int, rows: int) -> bool:
     """Whether `_bias` lays its tables out by relative offset (BandBias) rather than gathering its `rows` bucket
     rows (RelBias): on a CPU in bf16/fp16, where it was measured faster, and only while the 2L-1 offsets are at
@@ -257,9 +274,9 @@ class BandBias(torch.autograd.Function):
     def forward(ctx, c2p, p2c):
         bias = None
         if c2p is not None:
-            bias = _band(c2p.contiguous()).contiguous()
+            bias = _band(_rows(c2p)).contiguous()
         if p2c is not None:
-            t = _band(p2c.contiguous()).transpose(-1, -2)
+            t = _band(_rows(p2c)).transpose(-1, -2)
             bias = t.contiguous() if bias is None else bias.add_(t)
         ctx.shapes = (None if c2p is None else c2p.shape, None if p2c is None else p2c.shape)
         return bias

@@ -14,6 +14,7 @@ from torch import nn
 from vegalm.model.attention import DisentangledSelfAttention, RelContext
 from vegalm.model.config import EncoderConfig
 from vegalm.model.dropout import FastDropout
+from vegalm.model.ffn import APPROXIMATE, gelu_linear
 from vegalm.model.relpos import RelIndexCache
 
 ACTIVATIONS = {
@@ -66,7 +67,11 @@ class _AddNorm(nn.Module):
         self.dropout = FastDropout(cfg.hidden_dropout_prob)
 
     def forward(self, x, residual):
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+        return self.norm(self.dense(x), residual)
+
+    def norm(self, y, residual):
+        """LayerNorm(dropout(y) + residual), for a `y` that `dense` already produced."""
+        return self.LayerNorm(self.dropout(y) + residual)
 
 
 class _Attention(nn.Module):
@@ -95,10 +100,15 @@ class Layer(nn.Module):
         self.attention = _Attention(cfg)
         self.intermediate = _Intermediate(cfg)
         self.output = _AddNorm(cfg.intermediate_size, cfg)
+        self.impl, self.act_name = cfg.attn_impl, cfg.hidden_act
 
     def forward(self, x, pad, rel_emb, rel, packing=None):
         a = self.attention(x, pad, rel_emb, rel, packing)
-        return self.output(self.intermediate(a), a)
+        approximate = APPROXIMATE.get(self.act_name) if self.impl != "eager" else None
+        if approximate is None:  # attn_impl=eager (the twin) or a non-GELU activation: eager autograd
+            return self.output(self.intermediate(a), a)
+        # GELU recomputed in backward (model/ffn.py)
+        return self.output.norm(gelu_linear(self.intermediate.dense(a), self.output.dense, approximate), a)
 
 
 class Encoder(nn.Module):

@@ -16,6 +16,7 @@ import math
 
 from vegalm.errors import VegaError
 from vegalm.model.config import EncoderConfig
+from vegalm.model.ffn import APPROXIMATE
 
 HEADS = ("none", "mlm", "rtd")  # bare encoder (VegaModel), VegaForMaskedLM, VegaForRTD
 MLM_FRACTION = 0.15  # the MLM head projects to the vocabulary at the masked positions only (objective.mask_prob)
@@ -131,12 +132,12 @@ def layer_activation_bytes(cfg: EncoderConfig, batch: int, seq_len: int, dtype: 
     elems = 9 * n * h  # [B, L, h]-sized, in order of use: the layer input (read by q/k/v_proj), q, k, v, the attention
     # output (FusedAttention), its [B, L, h] copy (transpose + flatten, read by attention.output.dense), the first
     # LayerNorm's input, its output (read by intermediate.dense), the second LayerNorm's input
-    elems += 2 * n * f  # [B, L, FFN]: the GELU input and the GELU output (read by output.dense)
+    recompute = cfg.hidden_act in APPROXIMATE and cfg.attn_impl != "eager"  # model/ffn.py gelu_linear
+    elems += (1 if recompute else 2) * n * f  # [B, L, FFN]: the GELU input, and eager also keeps its output
     elems += square  # the softmax probabilities (FusedAttention keeps only these of the [B, L, L] matrices)
     w = 2 * seq_len - 1 if _band(dtype, seq_len, p) else p  # table rows: per relative offset (BandBias) or bucket
-    elems += terms * batch * w * h  # per position term, the scaled [H, w, D] table; for B > 1 matmul(q [B,H,L,D],
-    # table [H,D,w]) saves the table broadcast to [B*H, D, w] (a copy) and a contiguous copy of q (or k):
-    elems += terms * n * h if batch > 1 else 0  # (for B = 1 both are views of tensors counted already)
+    elems += terms * w * h  # per position term, the scaled [H, w, D] table, kept by attention.py `_per_head`'s bmm
+    # with q (or k) folded to [H, B*L, D], a view of its projection (counted above)
     if terms and hidden_drop:
         elems += p * h  # the dropped-out relative rows [P, h] (read by key_proj / query_proj); without dropout
         # that is a slice of the shared table, counted once in _shared_bytes
