@@ -10,7 +10,9 @@ the median of >= 5 timed steps after 2 warm-up steps, with torch.set_num_threads
 
 Memory: `act_mb` is the bytes autograd keeps for backward after one forward (deduplicated by
 storage; deterministic). `peak_rss_mb` (full mode) is the resident-set high-water mark of a
-fresh process running 2 steps (VmHWM, reset before the steps), minus its RSS before the first step.
+fresh process running 2 steps (VmHWM, reset before the steps), minus its RSS before the first step: the median
+of --repeats processes per side. `mem_ratio_s512_live` repeats that with MALLOC_MMAP_THRESHOLD_=131072 for both
+sides, where freed blocks leave at once and the peak is the live memory (see `rss_pair`).
 
 MFU: model FLOPs (3x the forward matmul FLOPs, relative rows P = 2L-1) divided by the step
 time and by the GEMM peak of the same dtype (`gemm_gflops_fp32` / `_bf16`: a 1024^3 matmul
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -135,6 +138,20 @@ def rss_child(which: str, B: int, L: int, dtype: str) -> float:
     return hwm_kb / 1024 - before
 
 
+def rss_pair(B: int, L: int, dtype: str, repeats: int, **env: str) -> dict[str, float]:
+    """Median peak RSS of `repeats` fresh processes per side, alternating. glibc's default malloc raises its mmap
+    threshold as big blocks are freed, so freed activations stay resident and the peak varies by +-40 MB from one
+    process to the next; with `env` MALLOC_MMAP_THRESHOLD_ fixed, big blocks go back at once and the peak is the
+    live memory."""
+    runs: dict[str, list[float]] = {"hf": [], "ours": []}
+    for _ in range(repeats):
+        for n in runs:
+            out = subprocess.run([sys.executable, __file__, "--_rss", n, str(B), str(L), dtype],
+                                 capture_output=True, text=True, check=True, env={**os.environ, **env})
+            runs[n].append(json.loads(out.stdout.strip().splitlines()[-1])["rss_mb"])
+    return {n: statistics.median(v) for n, v in runs.items()}
+
+
 def time_pair(hf, ours, B, L, dtype, repeats: int, warmup: int):
     steps = {"hf": make_step(hf, B, L, dtype), "ours": make_step(ours, B, L, dtype)}
     times = {"hf": [], "ours": []}
@@ -173,14 +190,11 @@ def main() -> None:
         for B, L in cases:
             t = time_pair(hf, ours, B, L, dtype, args.repeats, warmup=1 if args.quick else 2)
             act = {n: activation_mb(m, B, L, dtype) for n, m in (("hf", hf), ("ours", ours))}
-            rss = {}
-            if not args.quick:
-                for n in ("hf", "ours"):
-                    out = subprocess.run(
-                        [sys.executable, __file__, "--_rss", n, str(B), str(L), dtype],
-                        capture_output=True, text=True, check=True,
-                    )  # fmt: skip
-                    rss[n] = json.loads(out.stdout.strip().splitlines()[-1])["rss_mb"]
+            rss = {} if args.quick else rss_pair(B, L, dtype, args.repeats)
+            if not args.quick and (B, L, dtype) == (8, 512, "fp32"):
+                live = rss_pair(B, L, dtype, args.repeats, MALLOC_MMAP_THRESHOLD_="131072")
+                summary["mem_ratio_s512_live"] = round(live["ours"] / live["hf"], 3)
+                summary["rss_live_mb_s512"] = {k: round(v) for k, v in live.items()}
             fl = model_flops(B, L)
             row = dict(
                 case=f"B{B}xS{L}", dtype=dtype,

@@ -247,6 +247,17 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 and t.stride(-2) == W else t.contiguous()
 
 
+def _layout(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (t.shape, t.stride())
+
+
+def _zeros(layout: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A zeroed gradient laid out as its forward input was (`_per_head`'s [B,H,L,W] view of [H,B,L,W]), so that
+    the bmm's backward reads it as [H, B*L, W] without a copy."""
+    shape, stride = layout
+    return torch.empty_strided(shape, stride, dtype=like.dtype, device=like.device).zero_()
+
+
 def band_layout(dtype: torch.dtype, device: torch.device, length: int, rows: int) -> bool:
     """Whether `_bias` lays its tables out by relative offset (BandBias) rather than gathering its `rows` bucket
     rows (RelBias): on a CPU in bf16/fp16, where it was measured faster, and only while the 2L-1 offsets are at
@@ -278,17 +289,17 @@ class BandBias(torch.autograd.Function):
         if p2c is not None:
             t = _band(_rows(p2c)).transpose(-1, -2)
             bias = t.contiguous() if bias is None else bias.add_(t)
-        ctx.shapes = (None if c2p is None else c2p.shape, None if p2c is None else p2c.shape)
+        ctx.layouts = (_layout(c2p), _layout(p2c))
         return bias
 
     @staticmethod
     def backward(ctx, grad):
         out = []
-        for shape, g in ((ctx.shapes[0], grad), (ctx.shapes[1], grad.transpose(-1, -2))):
-            if shape is None:
+        for layout, g in ((ctx.layouts[0], grad), (ctx.layouts[1], grad.transpose(-1, -2))):
+            if layout is None:
                 out.append(None)
                 continue
-            table = grad.new_zeros(shape)
+            table = _zeros(layout, grad)
             _band(table).copy_(g)
             out.append(table)
         return out[0], out[1]
@@ -314,7 +325,7 @@ class RelBias(torch.autograd.Function):
             t = torch.gather(p2c, -1, full.transpose(-1, -2)).transpose(-1, -2)
             bias = t.contiguous() if bias is None else bias.add_(t)
         ctx.save_for_backward(idx)
-        ctx.shapes = (None if c2p is None else c2p.shape, None if p2c is None else p2c.shape)
+        ctx.layouts = (_layout(c2p), _layout(p2c))
         return bias
 
     @staticmethod
@@ -323,11 +334,11 @@ class RelBias(torch.autograd.Function):
         B, H, L, _ = grad.shape
         full = idx.expand(B, H, L, L)
         out = []
-        for shape, g, index in (
-            (ctx.shapes[0], grad, full),
-            (ctx.shapes[1], grad.transpose(-1, -2), full.transpose(-1, -2)),
+        for layout, g, index in (
+            (ctx.layouts[0], grad, full),
+            (ctx.layouts[1], grad.transpose(-1, -2), full.transpose(-1, -2)),
         ):
-            out.append(None if shape is None else grad.new_zeros(shape).scatter_add_(-1, index, g))
+            out.append(None if layout is None else _zeros(layout, grad).scatter_add_(-1, index, g))
         return out[0], out[1], None
 
 
