@@ -126,6 +126,16 @@ def test_the_core_never_imports_experiments():
 
 
 
+def test_seeds_count_or_list():
+    from vegalm.experiments.glue import parse_seeds
+
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("0,") == [0] and parse_seeds("3,4,5") == [3, 4, 5]
+    with pytest.raises(ConfigError, match=r"got 0 \(a list names seeds: 0, is seed 0 alone"):
+        parse_seeds("0")
+    with pytest.raises(ConfigError, match="distinct"):
+        parse_seeds("1,1")
+
+
 def test_combo_names_and_model_tags():
     got = {c.name: (c.tricks, c.transductive) for c in ablate.parse_combos("vanilla, adv,all,adv+ema,ema,all")}
     assert got == {"vanilla": ((), False), "adv": (("adv",), False), "all": (("adv", "selfcal"), True),
@@ -206,7 +216,7 @@ def test_records_table_plot_and_json_line(sweep):
     lines = sweep["stdout"].strip().splitlines()
     assert lines[0].startswith("trained 7 run(s)")  # 4 combos x 2 tasks, less STS-B's transductive (no pseudo)
     last = json.loads(lines[-1])
-    assert set(last) == {"tasks", "seeds", "seed_list", "avg", "paired"} and last["tasks"] == ["stsb", "wnli"] and last["seeds"] == 1
+    assert set(last) == {"tasks", "seeds", "seed_list", "avg", "paired", "plan_sha256"} and last["plan_sha256"] is None and last["tasks"] == ["stsb", "wnli"] and last["seeds"] == 1
     assert list(last["avg"]) == COMBOS
     assert last["avg"]["vanilla"] == pytest.approx((van["wnli"] + van["stsb"]) / 2, abs=0.006)
     assert "| vanilla |" in sweep["stdout"]  # the table is printed too
@@ -427,7 +437,7 @@ def test_summary_arithmetic_anchor_and_verdict(tmp_path):
     assert line == {"tasks": ["cola", "mrpc", "stsb", "rte"], "seeds": 3, "seed_list": [0, 1, 2],
                     "avg": {"vanilla": round(s["avg"]["vanilla"], 2), "all": round(s["avg"]["all"], 2)},
                     "paired": {"all": {"per_seed": {"0": 2.5, "1": 1.38, "2": 0.25}, "mean": 1.38,
-                                       "lower_95": -0.52}}}
+                                       "lower_95": -0.52}}, "plan_sha256": None}
     # another model: no anchor; a combo missing a task has no average
     del scores["all"]["cola"]
     _write_records(tmp_path / "q", scores, model="runs/pt/discriminator", anchor=None)
@@ -535,3 +545,62 @@ def test_sigterm_to_a_parallel_sweep_stops_its_workers_too(tiny_dir, tmp_path):
     assert not [p for p in workers if _alive(p)], "workers outlived the sweep"
     for s in (0, 1):
         assert latest_checkpoint(out / "vanilla" / "rte" / f"seed{s}" / "checkpoints") is not None, s
+
+
+def _plan_file(sweep, path: Path, **change) -> Path:
+    """The fixture sweep written as a plan file (what `--plan` reads), with `change` applied."""
+    import yaml
+
+    from vegalm.config import parse_override
+
+    settings = {}
+    for item in SETTINGS:
+        (*parents, leaf), value = parse_override(item)  # the value as key=value would give it
+        node = settings
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    plan = {"model": str(sweep["argv"][sweep["argv"].index("--model") + 1]), "tasks": ["wnli", "stsb"],
+            "seeds": [0], "tricks": COMBOS, "results_dir": "results", "model_tag": "tiny", "device": "cpu",
+            "settings": settings, "about": {"question": "does the plan reproduce the fixture's runs?"}, **change}
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def test_a_plan_file_runs_its_sweep_and_stamps_every_record(sweep, tmp_path, monkeypatch):
+    """--plan: the same runs as the fixture's flags (cache hits, nothing trained), each record carrying the file's
+    name and sha256, the report and the JSON line naming the plan; flags the plan fixes, unknown plan keys and
+    another device are refused."""
+    import hashlib
+
+    shutil.copytree(sweep["out"], tmp_path / "out")
+    plan = _plan_file(sweep, tmp_path / "PREREGISTERED.yaml")
+    digest = hashlib.sha256(plan.read_bytes()).hexdigest()
+    monkeypatch.setattr("vegalm.train.trainer.Trainer.train", lambda *a, **k: pytest.fail("a planned rerun trained"))
+    rc, stdout = _main(["ablate", "--plan", str(plan), "--out", str(tmp_path / "out")])
+    assert rc == 0 and stdout.startswith("trained 0 run(s)")
+    records = sorted((tmp_path / "results" / "tiny").glob("*.json"))  # results_dir is relative to the plan file
+    assert len(records) == len(COMBOS) * 2
+    for f in records:
+        rec = json.loads(f.read_text())
+        assert rec["plan"] == {"file": "PREREGISTERED.yaml", "sha256": digest}
+        assert rec["dev_score"] == _record(sweep, rec["combo"], rec["task"])["dev_score"]
+    rc, stdout = _main(["ablate", "--summary", str(tmp_path / "results" / "tiny")])
+    assert f"every record comes from the plan PREREGISTERED.yaml {digest}" in stdout
+    assert json.loads(stdout.strip().splitlines()[-1])["plan_sha256"] == digest
+    shutil.copy(sweep["records"] / "vanilla__wnli__seed0.json", tmp_path / "results" / "tiny")  # one made without
+    rc, stdout = _main(["ablate", "--summary", str(tmp_path / "results" / "tiny")])
+    assert "do not all come from one plan" in stdout and json.loads(stdout.strip().splitlines()[-1])["plan_sha256"] is None
+
+    for extra, want in ((["--tasks", "rte"], "--tasks: fixed by --plan"), (["lr=1e-3"], "key=value settings: fixed by"),
+                        (["--model", "minilm-l6"], "--model: fixed by --plan")):
+        with pytest.raises(ConfigError, match=want):
+            from vegalm.cli import main
+
+            main(["ablate", "--plan", str(plan), "--out", str(tmp_path / "o2"), *extra, "--debug"])
+    bad = _plan_file(sweep, tmp_path / "bad.yaml", seed=[3])
+    with pytest.raises(ConfigError, match="seed"):
+        main(["ablate", "--plan", str(bad), "--out", str(tmp_path / "o2"), "--debug"])
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    with pytest.raises(ConfigError, match="device: the plan runs on cpu, this machine on cuda"):
+        main(["ablate", "--plan", str(plan), "--out", str(tmp_path / "o2"), "--debug"])

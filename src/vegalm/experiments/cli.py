@@ -8,6 +8,11 @@ from pathlib import Path
 from vegalm.config import ConfigError
 from vegalm.finetune.cli import _KEYS_HELP, _settings
 
+# the sweep's defaults without a --plan; literal here so that `vegalm --help` imports no torch (a test ties
+# DEFAULT_COMBOS and PSEUDO_FRACTION to experiments/ablate/combos.py and finetune/stages/self_training.py)
+ABLATE_DEFAULTS = {"tasks": "rte,mrpc,stsb,cola", "seeds": "3", "tricks": "vanilla,adv,selfcal,transductive,all",
+                   "results_dir": "results/ablation", "pseudo_fraction": 0.3, "pseudo_min_dev_accuracy": 0.0}
+
 GLUE_DESC = f"""Run each task x seed with `vegalm finetune` into OUT/<task>/seed<k>/ (finished runs are
 reused, so an interrupted sweep continues), then write OUT/results.md (median, mean ± std, best seed
 per task and the GLUE score with its averaging rule), OUT/results.json, OUT/results.png and
@@ -64,19 +69,27 @@ def register(sub, formatter) -> None:
 
     a = sub.add_parser("ablate", help="trick ablation: combos x tasks x seeds, table, plot, committed records",
                        description=ABLATE_DESC, formatter_class=formatter)
-    a.add_argument("--model", default=None, help="model folder, or minilm-l6 (not needed with --summary)")
-    a.add_argument("--tasks", default="rte,mrpc,stsb,cola", help="comma-separated GLUE tasks")
-    a.add_argument("--seeds", default="3", help="a count (3 = seeds 0,1,2) or a list (1,5,9)")
-    a.add_argument("--tricks", default="vanilla,adv,selfcal,transductive,all", help="comma-separated combos")
+    unset = argparse.SUPPRESS  # not set unless given: --plan refuses what it fixes; the defaults are applied later
+    d = ABLATE_DEFAULTS
+    a.add_argument("--model", default=unset, help="model folder, or minilm-l6 (not needed with --summary or --plan)")
+    a.add_argument("--tasks", default=unset, help=f"comma-separated GLUE tasks (default {d['tasks']})")
+    a.add_argument("--seeds", default=unset,
+                   help=f"a count (3 = seeds 0,1,2; default {d['seeds']}) or a list (1,5,9; '0,' is seed 0 alone)")
+    a.add_argument("--tricks", default=unset, help=f"comma-separated combos (default {d['tricks']})")
     a.add_argument("--out", default=None, help="run folder; with --summary, where to write ablation.md/.json/.png")
-    a.add_argument("--results-dir", default="results/ablation", help="where the per-run JSON records go")
-    a.add_argument("--model-tag", default=None, help="records subfolder; default: from --model (pt-discriminator)")
-    a.add_argument("--pseudo-fraction", type=float, default=0.3,
-                   help="transductive: share of each test split kept as pseudo-labels, split evenly over classes")
+    a.add_argument("--results-dir", default=unset,
+                   help=f"where the per-run JSON records go (default {d['results_dir']})")
+    a.add_argument("--model-tag", default=unset, help="records subfolder; default: from --model (pt-discriminator)")
+    a.add_argument("--pseudo-fraction", type=float, default=unset,
+                   help="transductive: share of each test split kept as pseudo-labels, split evenly over classes "
+                        f"(default {d['pseudo_fraction']})")
+    a.add_argument("--plan", default=None, metavar="FILE",
+                   help="a pre-registered sweep: model, tasks, seeds, combos, records folder, device and settings "
+                        "from FILE (docs/ablation.md, experiments/ablate/plan.py); each record carries its sha256")
     a.add_argument("--jobs", type=int, default=1,
                    help="runs at once, in worker processes (e.g. 12 for MiniLM on one big GPU; on a CPU each "
                         "worker gets cores // jobs threads)")
-    a.add_argument("--pseudo-min-dev-accuracy", type=float, default=0.0, metavar="PCT",
+    a.add_argument("--pseudo-min-dev-accuracy", type=float, default=unset, metavar="PCT",
                    help="transductive: skip the student (report the teacher) when the teacher's accuracy on the dev "
                         "rows past the pseudo-label confidence cut is below PCT (0 = off)")
     a.add_argument("--cached-only", action="store_true",
@@ -84,7 +97,7 @@ def register(sub, formatter) -> None:
                         "report, and list the runs that are not cached")
     a.add_argument("--summary", default=None, metavar="RESULTS",
                    help="only reprint the table from the JSON records under RESULTS (no training)")
-    a.add_argument("--recipe", default=None, help="YAML file of FinetuneConfig keys applied to every run")
+    a.add_argument("--recipe", default=unset, help="YAML file of FinetuneConfig keys applied to every run")
     a.add_argument("settings", nargs="*", metavar="key=value", help="FinetuneConfig overrides for every run")
     a.set_defaults(func=_ablate)
 
@@ -106,7 +119,7 @@ def _ablate(args: argparse.Namespace) -> int:
     from vegalm.experiments import ablate
 
     if args.summary:
-        if args.settings or args.model:
+        if args.settings or hasattr(args, "model"):
             raise ConfigError("--summary reads the JSON records only; drop --model and key=value settings")
         if args.out and Path(args.out).resolve() == Path(args.summary).resolve():
             raise ConfigError("--summary with --out: write the report outside the records folder")
@@ -115,18 +128,40 @@ def _ablate(args: argparse.Namespace) -> int:
             ablate.write_report(summary, args.out)
         ablate.print_report(summary)
         return 0
-    for flag in ("model", "out"):
-        if not getattr(args, flag):
-            raise ConfigError(f"--{flag}: required for a sweep (or pass --summary RESULTS)")
-    data = _settings(args.recipe, args.settings)
-    summary = ablate.run_ablation(args.model, args.tasks, args.seeds, args.tricks, args.out,
-                                  results_dir=args.results_dir, tag=args.model_tag,
-                                  pseudo_fraction=args.pseudo_fraction,
-                                  pseudo_min_dev_accuracy=args.pseudo_min_dev_accuracy, jobs=args.jobs,
-                                  cached_only=args.cached_only, **data)
+    if not args.plan and not hasattr(args, "model"):
+        raise ConfigError("--model: required for a sweep (or pass --summary RESULTS, or --plan FILE)")
+    if not args.out:
+        raise ConfigError("--out: required for a sweep (or pass --summary RESULTS)")
+    if args.plan:
+        kwargs = _planned(args)
+    else:
+        d = {**ABLATE_DEFAULTS, **vars(args)}
+        kwargs = dict(model=args.model, tasks=d["tasks"], seeds=d["seeds"], combos=d["tricks"],
+                      results_dir=d["results_dir"], tag=d.get("model_tag"), pseudo_fraction=d["pseudo_fraction"],
+                      pseudo_min_dev_accuracy=d["pseudo_min_dev_accuracy"],
+                      **_settings(d.get("recipe"), args.settings))
+    summary = ablate.run_ablation(out=args.out, jobs=args.jobs, cached_only=args.cached_only, **kwargs)
     missing = summary.get("not_cached") or []
     print(f"trained {summary['trained_runs']} run(s); records: {summary['records_dir']}; "
           f"report: {args.out}/ablation.md, plot: {args.out}/ablation.png"
           + (f"; not cached (skipped): {', '.join(missing)}" if missing else ""))
     ablate.print_report(summary)
     return 0
+
+
+# what a plan file fixes: given beside --plan, each is an error rather than a silent override
+PLANNED_FLAGS = ("model", "tasks", "seeds", "tricks", "results_dir", "model_tag", "pseudo_fraction",
+                 "pseudo_min_dev_accuracy", "recipe", "settings")
+
+
+def _planned(args: argparse.Namespace) -> dict:
+    from vegalm.experiments.ablate.plan import check_device, load_plan
+
+    given = [f for f in PLANNED_FLAGS if getattr(args, f, None) not in (None, [])]
+    if given:
+        name = "key=value settings" if given[0] == "settings" else "--" + given[0].replace("_", "-")
+        raise ConfigError(f"{name}: fixed by --plan {args.plan}; change the plan (before its runs) instead")
+    loaded = load_plan(args.plan)
+    check_device(loaded.plan, str(args.plan))
+    return {**loaded.kwargs, "plan": loaded.stamp}
+

@@ -65,7 +65,8 @@ def parse_seeds(seeds: int | str | list[int]) -> list[int]:
         raise ConfigError(f"seeds: expected a count or a list of integers, got {seeds!r}")
     if isinstance(seeds, int):
         if seeds < 1:
-            raise ConfigError(f"seeds: expected a count >= 1, got {seeds}")
+            raise ConfigError(f"seeds: expected a count >= 1, got {seeds} (a list names seeds: 0, is seed 0 alone, "
+                              "0,1,2 the first three)")
         return list(range(seeds))
     out = [int(s) for s in seeds]
     if not out or len(set(out)) != len(out):

@@ -131,11 +131,12 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
                  combos: str | list[str] = DEFAULT_COMBOS, out: str | Path = "runs/ablate", *,
                  results_dir: str | Path = "results/ablation", tag: str | None = None,
                  pseudo_fraction: float = PSEUDO_FRACTION, pseudo_min_dev_accuracy: float = 0.0, jobs: int = 1,
-                 cached_only: bool = False, **overrides: Any) -> dict[str, Any]:
+                 cached_only: bool = False, plan: dict[str, str] | None = None, **overrides: Any) -> dict[str, Any]:
     """Run every seed x task x combo (cached runs are read back), write the records and the report.
 
     `cached_only` trains nothing: finished runs are read back and their records rewritten (say, after a
     vegalm update added a field), and the runs not in the cache are listed in the summary's "not_cached".
+    `plan` ({file, sha256} of a `--plan` file, experiments/ablate/plan.py) is written into every record.
 
     `overrides` are FinetuneConfig fields for every run (`save_model` defaults to False); `progress=False`
     also hides the sweep's bar. `jobs` > 1 runs that many jobs at once in spawned worker processes (see
@@ -202,7 +203,7 @@ def run_ablation(model: str, tasks: str | list[str] = "rte,mrpc,stsb,cola", seed
     is_anchor_model = model == ANCHOR_MODEL or _same_dir(model_dir, minilm_path)
     common = {"model": model, "model_tag": tag, "overrides": settings, "pseudo_fraction": pseudo_fraction,
               **({"pseudo_min_dev_accuracy": pseudo_min_dev_accuracy} if pseudo_min_dev_accuracy else {}),
-              "anchor_model": ANCHOR_MODEL if is_anchor_model else None}
+              "anchor_model": ANCHOR_MODEL if is_anchor_model else None, **({"plan": plan} if plan else {})}
 
     ctx = {"base": base, "trick_args": trick_args, "out": out, "glue_dir": glue_dir, "fraction": pseudo_fraction,
            "tapt": tapt, "rec_dir": rec_dir, "common": common, "cached_only": cached_only,

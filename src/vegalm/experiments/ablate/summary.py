@@ -157,6 +157,7 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         "pseudo": pseudo,
         "overrides": [json.loads(o) for o in overrides],
         "devices": _devices(records),
+        "plans": _plans(records),
         "anchor": _anchor(records, cells, tasks, combos),
     }
     return summary
@@ -187,6 +188,12 @@ def _devices(records: list[dict]) -> dict[str, int]:
     return {d: names.count(d) for d in sorted({n for n in names if n})}
 
 
+def _plans(records: list[dict]) -> dict[str, int]:
+    """{"<file> <sha256>": number of records} of `--plan` sweeps, plus "none" for records made without a plan."""
+    names = [f"{r['plan']['file']} {r['plan']['sha256']}" if r.get("plan") else "none" for r in records]
+    return {n: names.count(n) for n in sorted(set(names))}
+
+
 def _anchor(records: list[dict], cells: dict, tasks: list[str], combos: list[str]) -> dict | None:
     if not any(r.get("anchor_model") == ANCHOR_MODEL for r in records):
         return None
@@ -202,15 +209,18 @@ def _anchor(records: list[dict], cells: dict, tasks: list[str], combos: list[str
 
 def summary_line(summary: dict) -> str:
     """The machine-readable last line: {"tasks": [...], "seeds": N, "seed_list": [...], "avg": {combo: points},
-    "paired": {combo: {"per_seed": {seed: delta}, "mean": ..., "lower_95": ...}}} (paired: vs vanilla)."""
+    "paired": {combo: {"per_seed": {seed: delta}, "mean": ..., "lower_95": ...}} (paired: vs vanilla),
+    "plan_sha256": the --plan file's digest when every record carries that one, else null}."""
     def r2(v):
         return round(v, 2) if v is not None else None
 
     avg = {c: r2(v) for c, v in summary["avg"].items()}
     paired = {c: {"per_seed": {k: r2(v) for k, v in p["per_seed"].items()}, "mean": r2(p["mean"]),
                   "lower_95": r2(p["lower_95"])} for c, p in summary.get("paired_vs_vanilla", {}).items()}
+    plans = [k.split(" ")[1] for k in summary.get("plans", {}) if k != "none"]
+    one_plan = plans[0] if len(plans) == 1 and "none" not in summary.get("plans", {}) else None
     return json.dumps({"tasks": summary["tasks"], "seeds": len(summary["seeds"]), "seed_list": summary["seeds"],
-                       "avg": avg, "paired": paired})
+                       "avg": avg, "paired": paired, "plan_sha256": one_plan})
 
 
 def _fmt(x: float | None, signed: bool = False, nd: int = 2) -> str:
@@ -272,6 +282,12 @@ def render_markdown(summary: dict) -> str:
                   + "); one config can score differently on another device, beyond seed noise.", ""]
     elif devices:
         lines += [f"Device: {next(iter(devices))}.", ""]
+    plans = summary.get("plans") or {}
+    if len(plans) == 1 and "none" not in plans:
+        lines += [f"Pre-registered: every record comes from the plan {next(iter(plans))} (sha256).", ""]
+    elif any(k != "none" for k in plans):
+        lines += ["**Warning: the records do not all come from one plan** ("
+                  + ", ".join(f"{k}: {n} runs" for k, n in plans.items()) + ").", ""]
     lines += [md_row(["combo", *tasks, "avg", "Δ avg vs vanilla", "wall vs vanilla", "s/run"]), md_rule(len(tasks) + 5)]
     for c in combos:
         row = [c]
