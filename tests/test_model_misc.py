@@ -309,3 +309,19 @@ def test_layer_keeps_the_gelu_input_only():
         if hasattr(mod, "impl"):
             mod.impl = "eager"
     assert ffn_sized() == 2 * cfg.num_hidden_layers and recompute == cfg.num_hidden_layers
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_softmax_is_the_fp32_softmax_rounded(dtype):
+    """FusedAttention takes the softmax in q's dtype: the kernel accumulates in fp32, so each probability is the
+    fp32 softmax's, rounded once (bf16: to the bit; fp16: within one unit of the last place, for 9 values in a
+    million); masked entries (the dtype's min, as `_biased` writes them) stay exactly 0."""
+    torch.manual_seed(0)
+    s = (torch.randn(2, 3, 64, 300) * 6).to(dtype)
+    s[0, :, :, 200:] = torch.finfo(dtype).min
+    got = torch.softmax(s, -1)
+    want = torch.softmax(s, -1, dtype=torch.float32).to(dtype)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=2**-10, atol=6e-8)
+    assert bool((got[0, :, :, 200:] == 0).all())

@@ -1,10 +1,10 @@
-"""A/B of the two memory changes of 2026-12-07 on our encoder's training step (bench/encoder.py's tiny config).
+"""A/B of the 2026-12-07 evening changes on our encoder's training step (bench/encoder.py's tiny config).
 
-    python bench/probes/memory_paths_ab.py [REPEATS]
+    python bench/probes/step_paths_ab.py [REPEATS]
 
-Arms, alternating step by step in one process: `new` (GELU recomputed in backward, c2p/p2c as per-head bmm),
-`no-recompute` (model/ffn.py off: eager GELU + linear), `broadcast` (c2p/p2c by broadcast matmul, as before).
-Prints the median s/step per arm and case, and each arm's time relative to `new`.
+Arms, alternating step by step in one process: `new` (all of them), `no-recompute` (model/ffn.py off: eager
+GELU + linear), `broadcast` (c2p/p2c by broadcast matmul, as before), `fp32-softmax` (FusedAttention's softmax
+taken in fp32 and cast back, as before). Prints the median s/step per arm and case, relative to `new`.
 """
 
 from __future__ import annotations
@@ -22,22 +22,24 @@ from encoder import build_pair, make_step  # noqa: E402
 import vegalm.model.attention as attention  # noqa: E402
 import vegalm.model.encoder as encoder  # noqa: E402
 
-NEW = (encoder.APPROXIMATE, attention._per_head)
+NEW = (encoder.APPROXIMATE, attention._per_head, attention._softmax)
 
 
 def arm(name: str) -> None:
-    encoder.APPROXIMATE, attention._per_head = NEW
+    encoder.APPROXIMATE, attention._per_head, attention._softmax = NEW
     if name == "no-recompute":
         encoder.APPROXIMATE = {}
     if name == "broadcast":
         attention._per_head = lambda x, table: x @ table.transpose(-1, -2)
+    if name == "fp32-softmax":
+        attention._softmax = lambda s: torch.softmax(s, -1, dtype=torch.float32).to(s.dtype)
 
 
 def main() -> None:
     repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 7
     torch.set_num_threads(2)
     _, ours = build_pair()
-    arms = ("new", "no-recompute", "broadcast")
+    arms = ("new", "no-recompute", "broadcast", "fp32-softmax")
     for dtype in ("fp32", "bf16"):
         for B, L in ((32, 128), (8, 512)):
             step = make_step(ours, B, L, dtype)
