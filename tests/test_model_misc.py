@@ -67,13 +67,22 @@ def test_rel_bias_gradcheck_and_values():
 
 
 def test_band_layout_is_chosen_for_cpu_bf16_up_to_twice_the_bucket_rows():
-    """The measured rule (BENCHMARKS.md, band vs gather): bf16/fp16 on a CPU while 2L-1 <= 2P; fp32 and CUDA
-    gather; S1024 with 512 bucket rows gathers (the offset table would be 4x the rows)."""
+    """The measured rule (BENCHMARKS.md, band vs gather): bf16/fp16 on a CPU while 2L-1 <= 2P+1; fp32 and CUDA
+    gather; S1024 gathers (the offset table would be 4x the rows). The rows are those a DeBERTa-v3 config (256
+    buckets) really uses: 255 at S128, 511 at S512 (where the band layout was measured faster in bf16), 512 at
+    S1024."""
+    from vegalm.model.relpos import RelIndexCache
+
+    cfg = EncoderConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, position_buckets=256, max_relative_positions=-1)
+    cache = RelIndexCache(cfg.att_span, cfg.position_buckets, cfg.max_rel)
+    rows = {L: (lambda r: r[2] - r[1] + 1)(cache.get(L, torch.device("cpu"))) for L in (128, 512, 1024)}
+    assert rows == {128: 255, 512: 511, 1024: 512}
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert band_layout(torch.bfloat16, cpu, 512, 512) and band_layout(torch.float16, cpu, 128, 255)
-    assert not band_layout(torch.float32, cpu, 128, 255)
-    assert not band_layout(torch.bfloat16, cuda, 128, 255)
-    assert not band_layout(torch.bfloat16, cpu, 1024, 512)
+    assert band_layout(torch.bfloat16, cpu, 512, rows[512]) and band_layout(torch.float16, cpu, 128, rows[128])
+    assert not band_layout(torch.float32, cpu, 128, rows[128])
+    assert not band_layout(torch.bfloat16, cuda, 128, rows[128])
+    assert not band_layout(torch.bfloat16, cpu, 1024, rows[1024])
 
 
 @pytest.mark.parametrize("length,span,buckets,max_rel", [(10, 4, 4, 16), (40, 8, 8, 24), (7, 16, 0, 0)])

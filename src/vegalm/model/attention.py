@@ -261,8 +261,9 @@ def _zeros(layout: tuple, like: torch.Tensor) -> torch.Tensor:
 def band_layout(dtype: torch.dtype, device: torch.device, length: int, rows: int) -> bool:
     """Whether `_bias` lays its tables out by relative offset (BandBias) rather than gathering its `rows` bucket
     rows (RelBias): on a CPU in bf16/fp16, where it was measured faster, and only while the 2L-1 offsets are at
-    most twice the rows (S512 with 256 buckets: 1023 vs 512; at S1024 it would be 4x the product's FLOPs)."""
-    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and 2 * length - 1 <= 2 * rows
+    most about twice the rows: S512 with 256 buckets uses 511 rows for 1023 offsets (2L-1 <= 2P+1; the rule read
+    2L-1 <= 2P until 2026-12-07, which sent S512 to the gather by one row); S1024 would be 4x the product."""
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and 2 * length - 1 <= 2 * rows + 1
 
 
 def _band(t: torch.Tensor) -> torch.Tensor:

@@ -148,8 +148,8 @@ def layer_activation_bytes(cfg: EncoderConfig, batch: int, seq_len: int, dtype: 
 
 
 def _band(dtype: str, seq_len: int, rows: int) -> bool:
-    """attention.py `band_layout` on a CPU: bf16 tables up to 2L-1 <= 2P take the BandBias layout, else RelBias."""
-    return dtype_bytes(dtype) == 2 and 2 * seq_len - 1 <= 2 * rows
+    """attention.py `band_layout` on a CPU: bf16 tables up to 2L-1 <= 2P+1 take the BandBias layout, else RelBias."""
+    return dtype_bytes(dtype) == 2 and 2 * seq_len - 1 <= 2 * rows + 1
 
 
 def _shared_bytes(cfg: EncoderConfig, seq_len: int, dtype: str, checkpointing: bool) -> int:
