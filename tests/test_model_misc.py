@@ -334,3 +334,24 @@ def test_reduced_precision_softmax_is_the_fp32_softmax_rounded(dtype):
         assert torch.equal(got, want)
     torch.testing.assert_close(got, want, rtol=2**-10, atol=6e-8)
     assert bool((got[0, :, :, 200:] == 0).all())
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 7, 16])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_band_gradient_zeroes_exactly_the_cells_off_the_band(length, permuted, monkeypatch):
+    """BandBias's table gradient zeroes only the cells the band view does not write: it must equal a zero-filled
+    table with the band copied in, for contiguous tables and `_per_head`'s [B,H,L,W] views of [H,B,L,W]. The
+    buffer starts as NaN, so a cell written by neither shows."""
+    from vegalm.model import attention
+    from vegalm.model.attention import _band, _band_grad
+
+    B, H, L = 2, 3, length
+    shape = (H, B, L, 2 * L - 1) if permuted else (B, H, L, 2 * L - 1)
+    like = torch.empty(shape).transpose(0, 1) if permuted else torch.empty(shape)
+    layout = (like.shape, like.stride())
+    monkeypatch.setattr(attention, "_empty", lambda lay, t: torch.empty_strided(*lay).fill_(float("nan")))
+    g = torch.randn(B, H, L, L)
+    want = torch.zeros(B, H, L, 2 * L - 1)
+    _band(want).copy_(g)
+    got = _band_grad(layout, g)
+    assert got.stride() == like.stride() and torch.equal(got, want)

@@ -251,11 +251,33 @@ def _layout(t: torch.Tensor | None) -> tuple | None:
     return None if t is None else (t.shape, t.stride())
 
 
-def _zeros(layout: tuple, like: torch.Tensor) -> torch.Tensor:
-    """A zeroed gradient laid out as its forward input was (`_per_head`'s [B,H,L,W] view of [H,B,L,W]), so that
+def _empty(layout: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A gradient buffer laid out as its forward input was (`_per_head`'s [B,H,L,W] view of [H,B,L,W]), so that
     the bmm's backward reads it as [H, B*L, W] without a copy."""
     shape, stride = layout
-    return torch.empty_strided(shape, stride, dtype=like.dtype, device=like.device).zero_()
+    return torch.empty_strided(shape, stride, dtype=like.dtype, device=like.device)
+
+
+def _zeros(layout: tuple, like: torch.Tensor) -> torch.Tensor:
+    return _empty(layout, like).zero_()
+
+
+def _band_grad(layout: tuple, g: torch.Tensor) -> torch.Tensor:
+    """The [B,H,L,2L-1] table gradient of a BandBias input: g [B,H,L,L] through `_band`, zeros elsewhere. Only the
+    cells off the band are zeroed (L(L-1) per head, not L(2L-1)): between the band's row a (ending at column
+    2L-2-a) and row a+1 (starting at L-2-a) lie L-2 cells in memory, at a stride of 2L-2, plus L-1 cells at the
+    start of row 0 and at the end of row L-1."""
+    table = _empty(layout, g)
+    B, H, L, W = table.shape
+    if L < 2:  # one cell, on the band
+        return table.copy_(g)
+    s0, s1, off = table.stride(0), table.stride(1), table.storage_offset()
+    for shape, stride, start in (((B, H, L - 1), (s0, s1, 1), 0),  # row 0, columns [0, L-1)
+                                 ((B, H, L - 1, L - 2), (s0, s1, W - 1, 1), 2 * L - 1),  # between rows a, a+1
+                                 ((B, H, L - 1), (s0, s1, 1), (L - 1) * W + L)):  # row L-1, columns [L, 2L-1)
+        table.as_strided(shape, stride, off + start).zero_()
+    _band(table).copy_(g)
+    return table
 
 
 def band_layout(dtype: torch.dtype, device: torch.device, length: int, rows: int) -> bool:
@@ -300,9 +322,7 @@ class BandBias(torch.autograd.Function):
             if layout is None:
                 out.append(None)
                 continue
-            table = _zeros(layout, grad)
-            _band(table).copy_(g)
-            out.append(table)
+            out.append(_band_grad(layout, g))
         return out[0], out[1]
 
 
