@@ -15,7 +15,7 @@ Kernels (`attn_impl`):
   [B,H,L,P] products (RelBias); bf16 lays the tables out by relative offset and
   reads a [B,H,L,2L-1] product through a strided view (BandBias), see `_bias`. A
   hand-written autograd function then does scores -> softmax -> dropout -> @V and
-  keeps only the probabilities (plus a 1-byte dropout mask) for backward; the
+  keeps only the probabilities (plus a 1-byte dropout keep mask) for backward; the
   reference path keeps ~5 [B,H,L,L] tensors per layer. Without grad it calls SDPA.
   Dropout uses model/dropout.py's cheap random bits (the drop rate is p rounded to a
   multiple of 1/65536: 0.1 -> 0.100006) and applies 1/(1-p) to the [B,H,L,D] output.
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vegalm.model.config import EncoderConfig
-from vegalm.model.dropout import FastDropout, drop_mask
+from vegalm.model.dropout import FastDropout, keep_mask
 from vegalm.model.relpos import diagonals
 
 _flex_compiled = None
@@ -375,7 +375,7 @@ def _acc_dtype(dt: torch.dtype) -> torch.dtype:
 
 
 class FusedAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + bias) -> dropout -> @ v, saving only P (+ a 1-byte drop mask) for backward.
+    """softmax(q k^T * scale + bias) -> dropout -> @ v, saving only P (+ a 1-byte keep mask) for backward.
 
     Backward (per row i):  dP = dropout(dO v^T);  dS = P * (dP - dO_i . O_i);
     dq = dS k * scale;  dk = dS^T q * scale;  dbias = dS.
@@ -394,14 +394,14 @@ class FusedAttention(torch.autograd.Function):
                 s = s.mul_(scale)
             probs = _softmax(s)
             del s
-            drop = None
+            keep = None
             if p > 0:
                 # Dropout's 1/(1-p) is applied to the [B,H,L,D] output, not to the [B,H,L,L] matrix.
-                drop = drop_mask(probs.shape, p, probs.device)
-                out = torch.matmul(torch.where(drop, 0.0, probs), v).mul_(1.0 / (1.0 - p))
+                keep = keep_mask(probs.shape, p, probs.device)
+                out = torch.matmul(probs * keep, v).mul_(1.0 / (1.0 - p))
             else:
                 out = torch.matmul(probs, v)
-        ctx.save_for_backward(q, k, v, probs, drop, out)
+        ctx.save_for_backward(q, k, v, probs, keep, out)
         ctx.scale, ctx.p, ctx.has_bias, ctx.bias_dtype = scale, p, bias is not None, (
             bias.dtype if bias is not None else None
         )
@@ -409,16 +409,16 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, probs, drop, out = ctx.saved_tensors
+        q, k, v, probs, keep, out = ctx.saved_tensors
         scale, p = ctx.scale, ctx.p
         with torch.autocast(q.device.type, enabled=False):
             d_out = d_out.to(q.dtype)
             # sum_j P_ij dP_ij = dO_i . O_i (dropout included): a [B,H,L,D] product instead of [B,H,L,L].
             row = (d_out * out).sum(-1, keepdim=True, dtype=_acc_dtype(d_out.dtype)).to(d_out.dtype)
-            if drop is not None:
+            if keep is not None:
                 d_out = d_out * (1.0 / (1.0 - p))  # the dropout scale, on the small tensor
-                dv = torch.matmul(torch.where(drop, 0.0, probs).transpose(-1, -2), d_out)
-                dp = torch.matmul(d_out, v.transpose(-1, -2)).masked_fill_(drop, 0.0)
+                dv = torch.matmul((probs * keep).transpose(-1, -2), d_out)
+                dp = torch.matmul(d_out, v.transpose(-1, -2)).mul_(keep)
             else:
                 dv = torch.matmul(probs.transpose(-1, -2), d_out)
                 dp = torch.matmul(d_out, v.transpose(-1, -2))
