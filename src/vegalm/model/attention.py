@@ -306,11 +306,14 @@ class BandBias(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, c2p, p2c):
+        # p2c's term is read transposed: copy it first (a tiled transposing copy), then add c2p's rows, which
+        # are contiguous; adding the transposed view instead reads it column by column (bf16 [8,4,512,512] on
+        # one thread: 11-19 ms this way, 25-52 ms that way)
         bias = None
-        if c2p is not None:
-            bias = _band(_rows(c2p)).contiguous()
         if p2c is not None:
-            t = _band(_rows(p2c)).transpose(-1, -2)
+            bias = _band(_rows(p2c)).transpose(-1, -2).contiguous()
+        if c2p is not None:
+            t = _band(_rows(c2p))
             bias = t.contiguous() if bias is None else bias.add_(t)
         ctx.layouts = (_layout(c2p), _layout(p2c))
         return bias
@@ -417,6 +420,7 @@ class FusedAttention(torch.autograd.Function):
             row = (d_out * out).sum(-1, keepdim=True, dtype=_acc_dtype(d_out.dtype)).to(d_out.dtype)
             if keep is not None:
                 d_out = d_out * (1.0 / (1.0 - p))  # the dropout scale, on the small tensor
+                keep = keep.to(probs.dtype)  # once for both uses (a multiply converts a uint8 operand each time)
                 dv = torch.matmul((probs * keep).transpose(-1, -2), d_out)
                 dp = torch.matmul(d_out, v.transpose(-1, -2)).mul_(keep)
             else:

@@ -17,8 +17,9 @@ from torch import nn
 
 def keep_mask(shape, p: float, device) -> torch.Tensor:
     """Bernoulli(1-p) keep mask as uint8 (1 = kept, 0 = dropped) from uniform int16 numbers; p rounded to a
-    multiple of 2^-16. Applied as `x * keep`: on a CPU a multiply by a uint8 tensor runs ~2.6x faster than
-    `torch.where` on a bool mask (bf16 [8,4,512,512], one thread: 7 vs 19 ms)."""
+    multiple of 2^-16. Applied as `x * keep`: on a CPU a multiply by a uint8 tensor (which converts it to x's dtype,
+    then multiplies) runs ~2x faster than `torch.where` on a bool mask (bf16 [8,4,512,512], one thread: ~10 vs
+    19 ms), and the mask stays one byte per element."""
     n = 1
     for s in shape:
         n *= s
