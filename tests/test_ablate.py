@@ -604,3 +604,16 @@ def test_a_plan_file_runs_its_sweep_and_stamps_every_record(sweep, tmp_path, mon
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     with pytest.raises(ConfigError, match="device: the plan runs on cpu, this machine on cuda"):
         main(["ablate", "--plan", str(plan), "--out", str(tmp_path / "o2"), "--debug"])
+
+
+def test_the_documented_plan_example_loads(tmp_path):
+    """docs/ablation.md's plan file, as a user would copy it, is a valid plan."""
+    import re
+
+    from vegalm.experiments.ablate.plan import load_plan
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "ablation.md").read_text(encoding="utf-8")
+    (tmp_path / "PREREGISTERED.yaml").write_text(re.search(r"```yaml\n(.*?)```", doc, re.S).group(1))
+    plan = load_plan(tmp_path / "PREREGISTERED.yaml")
+    assert plan.kwargs["seeds"] == [3, 4, 5] and plan.kwargs["results_dir"] == tmp_path
+    assert plan.kwargs["mixed_precision"] == "bf16" and plan.kwargs["lr"] == 1e-4 and len(plan.sha256) == 64
