@@ -322,18 +322,23 @@ def test_layer_keeps_the_gelu_input_only():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_precision_softmax_is_the_fp32_softmax_rounded(dtype):
-    """FusedAttention takes the softmax in q's dtype: the kernel accumulates in fp32, so each probability is the
-    fp32 softmax's, rounded once (bf16: to the bit; fp16: within one unit of the last place, for 9 values in a
-    million); masked entries (the dtype's min, as `_biased` writes them) stay exactly 0."""
+    """FusedAttention takes the softmax in q's dtype: the kernel accumulates in fp32 and rounds once, so each
+    probability is the fp32 softmax's rounded value or, for a few per 100,000 (the division rounds differently
+    at some row lengths), its neighbour one unit in the last place away; masked entries (the dtype's min, as
+    `_biased` writes them) stay exactly 0. Row lengths 1-69 and the usual ones, as packed groups produce them."""
     torch.manual_seed(0)
-    s = (torch.randn(2, 3, 64, 300) * 6).to(dtype)
-    s[0, :, :, 200:] = torch.finfo(dtype).min
-    got = torch.softmax(s, -1)
-    want = torch.softmax(s, -1, dtype=torch.float32).to(dtype)
-    if dtype == torch.bfloat16:
-        assert torch.equal(got, want)
-    torch.testing.assert_close(got, want, rtol=2**-10, atol=6e-8)
-    assert bool((got[0, :, :, 200:] == 0).all())
+    off = total = 0
+    for n in [*range(1, 70), 100, 128, 129, 300, 511, 512]:
+        s = (torch.randn(2, 3, 33, n) * 6).to(dtype)
+        if n > 3:
+            s[..., -2:] = torch.finfo(dtype).min
+        got, want = torch.softmax(s, -1), torch.softmax(s, -1, dtype=torch.float32).to(dtype)
+        ulps = (got.view(torch.int16).int() - want.view(torch.int16).int()).abs()
+        assert int(ulps.max()) <= 1, n
+        off, total = off + int((ulps > 0).sum()), total + ulps.numel()
+        if n > 3:
+            assert bool((got[..., -2:] == 0).all())
+    assert off / total < 1e-4, (off, total)
 
 
 @pytest.mark.parametrize("length", [1, 2, 3, 7, 16])

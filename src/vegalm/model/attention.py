@@ -368,8 +368,9 @@ class RelBias(torch.autograd.Function):
 
 def _softmax(s: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim in s's dtype: for bf16/fp16 the kernel accumulates in fp32 and rounds once, so the
-    values are an fp32 softmax's cast back (tests/test_model_misc.py), without that path's [B,H,L,L] fp32 copy
-    (8.6x slower for bf16 [8,4,512,512] on one CPU thread: 82 vs 9.5 ms)."""
+    values are an fp32 softmax's cast back, or for a few per 100,000 one unit in the last place away
+    (tests/test_model_misc.py), without that path's [B,H,L,L] fp32 copy (8.6x slower for bf16 [8,4,512,512] on
+    one CPU thread: 82 vs 9.5 ms). Those last-bit differences change a bf16 run's numbers against earlier code."""
     return torch.softmax(s, -1)
 
 
