@@ -360,3 +360,17 @@ def test_band_gradient_zeroes_exactly_the_cells_off_the_band(length, permuted, m
     _band(want).copy_(g)
     got = _band_grad(layout, g)
     assert got.stride() == like.stride() and torch.equal(got, want)
+
+
+def test_bias_gradients_of_an_expanded_table_do_not_alias():
+    """A [B,H,L,W] table input that is a broadcast view (stride 0 over B) gets a contiguous gradient buffer, not
+    one with its aliasing strides, in both BandBias and RelBias."""
+    from vegalm.model.attention import _layout
+
+    torch.manual_seed(0)
+    L = 5
+    base = torch.randn(1, 2, L, 2 * L - 1, dtype=torch.float64, requires_grad=True)
+    assert _layout(base.expand(3, 2, L, 2 * L - 1))[1] == (2 * L * (2 * L - 1), L * (2 * L - 1), 2 * L - 1, 1)
+    assert torch.autograd.gradcheck(lambda t: BandBias.apply(t.expand(3, -1, -1, -1), None), (base,))
+    idx = torch.randint(0, 2 * L - 1, (L, L))
+    assert torch.autograd.gradcheck(lambda t: RelBias.apply(t.expand(3, -1, -1, -1), None, idx), (base,))

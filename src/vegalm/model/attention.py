@@ -248,7 +248,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _layout(t: torch.Tensor | None) -> tuple | None:
-    return None if t is None else (t.shape, t.stride())
+    """(shape, strides) for a gradient buffer like t: t's own strides when t is dense (a permutation of a
+    contiguous layout, as `_per_head` returns), contiguous ones otherwise (an expanded t must not alias)."""
+    return None if t is None else (t.shape, torch.empty_like(t, device="meta").stride())
 
 
 def _empty(layout: tuple, like: torch.Tensor) -> torch.Tensor:
