@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vegalm.model.unpad import keep_mask_for_encoder
+from vegalm.model.unpad import stash_mask_on_encoder
 
 POOLINGS = ("cls", "mean")
 
@@ -50,7 +50,7 @@ def use_mean_pooling(model: nn.Module) -> bool:
     if base is None:
         return False
     if not getattr(base.encoder, "_vegalm_mean_pooled", False):
-        keep_mask_for_encoder(base)
+        stash_mask_on_encoder(base)
         base.encoder.register_forward_hook(_mean_first)
         base.encoder._vegalm_mean_pooled = True
     return True

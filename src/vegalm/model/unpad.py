@@ -139,7 +139,7 @@ def hf_type_unpads(model_type: str | None) -> bool:
     return _hf_parts(model) is not None
 
 
-def keep_mask_for_encoder(base: nn.Module) -> None:
+def stash_mask_on_encoder(base: nn.Module) -> None:
     """Hooks that put the base model's 2-D attention_mask on `base.encoder._vegalm_mask` for the length of each
     forward (None between calls); idempotent. The packed path and mean pooling (model/pooling.py) read it."""
     if getattr(base, "_vegalm_mask_kept", False):
@@ -198,7 +198,7 @@ def _enable_hf(model: nn.Module) -> bool:
         return True
     _register()
     encoder._vegalm_config = config  # the layers' config (a deepcopy copies both to one new object)
-    keep_mask_for_encoder(base)
+    stash_mask_on_encoder(base)
     encoder.forward = MethodType(_packed_encoder_forward, encoder)
     encoder._vegalm_unpadded = True
     return True
