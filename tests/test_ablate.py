@@ -617,3 +617,13 @@ def test_the_documented_plan_example_loads(tmp_path):
     plan = load_plan(tmp_path / "PREREGISTERED.yaml")
     assert plan.kwargs["seeds"] == [3, 4, 5] and plan.kwargs["results_dir"] == tmp_path
     assert plan.kwargs["mixed_precision"] == "bf16" and plan.kwargs["lr"] == 1e-4 and len(plan.sha256) == 64
+
+
+def test_cli_defaults_are_the_librarys():
+    """`vegalm ablate`'s defaults are written out in experiments/cli.py (its --help imports no torch): they must be
+    the constants the library uses."""
+    from vegalm.experiments.ablate.combos import DEFAULT_COMBOS
+    from vegalm.experiments.cli import ABLATE_DEFAULTS
+    from vegalm.finetune.stages.self_training import PSEUDO_FRACTION
+
+    assert ABLATE_DEFAULTS["tricks"] == DEFAULT_COMBOS and ABLATE_DEFAULTS["pseudo_fraction"] == PSEUDO_FRACTION

@@ -119,8 +119,8 @@ def _ablate(args: argparse.Namespace) -> int:
     from vegalm.experiments import ablate
 
     if args.summary:
-        if args.settings or hasattr(args, "model"):
-            raise ConfigError("--summary reads the JSON records only; drop --model and key=value settings")
+        if args.settings or hasattr(args, "model") or args.plan:
+            raise ConfigError("--summary reads the JSON records only; drop --model, --plan and key=value settings")
         if args.out and Path(args.out).resolve() == Path(args.summary).resolve():
             raise ConfigError("--summary with --out: write the report outside the records folder")
         summary = ablate.summarize(ablate.load_records(args.summary))
