@@ -627,3 +627,16 @@ def test_cli_defaults_are_the_librarys():
     from vegalm.finetune.stages.self_training import PSEUDO_FRACTION
 
     assert ABLATE_DEFAULTS["tricks"] == DEFAULT_COMBOS and ABLATE_DEFAULTS["pseudo_fraction"] == PSEUDO_FRACTION
+
+
+def test_plan_model_paths_are_relative_to_the_file(tmp_path):
+    from vegalm.experiments.ablate.plan import load_plan
+
+    (tmp_path / "models" / "enc").mkdir(parents=True)
+    for model, want in (("models/enc", str(tmp_path / "models" / "enc")), ("minilm-l6", "minilm-l6"),
+                        ("microsoft/deberta-v3-small", "microsoft/deberta-v3-small")):
+        (tmp_path / "p.yaml").write_text(f"model: {model}\nseeds: [3]\nmodel_tag: t\n")
+        assert load_plan(tmp_path / "p.yaml").kwargs["model"] == want
+    (tmp_path / "p.yaml").write_text("model: minilm-l6\nmodel_tag: t\n")
+    with pytest.raises(ConfigError, match="seeds: required"):
+        load_plan(tmp_path / "p.yaml")

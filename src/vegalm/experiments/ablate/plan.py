@@ -14,6 +14,7 @@ from typing import Any
 
 from vegalm.config import ConfigError, from_dict, option, parse_yaml
 from vegalm.experiments.ablate.combos import DEFAULT_COMBOS
+from vegalm.finetune.models import MODEL_ALIASES
 from vegalm.finetune.stages.self_training import PSEUDO_FRACTION
 
 DEVICES = ("cpu", "cuda")
@@ -70,9 +71,9 @@ def load_plan(path: str | Path) -> LoadedPlan:
     if plan.device not in DEVICES:
         raise ConfigError(f"{path}: device: expected one of {', '.join(DEVICES)}, got {plan.device!r}")
     root = path.resolve().parent
-    model = plan.model if (plan.model == "minilm-l6" or Path(plan.model).is_absolute()) else str(root / plan.model)
-    if not Path(model).exists() and plan.model != "minilm-l6":
-        model = plan.model  # a Hub id
+    model = plan.model  # an alias, an absolute folder, or a Hub id as written; a relative folder from the file
+    if plan.model not in MODEL_ALIASES and not Path(plan.model).is_absolute() and (root / plan.model).exists():
+        model = str(root / plan.model)
     kwargs = {"model": model, "tasks": list(plan.tasks), "seeds": list(plan.seeds), "combos": list(plan.tricks),
               "results_dir": root / plan.results_dir, "tag": plan.model_tag, "pseudo_fraction": plan.pseudo_fraction,
               "pseudo_min_dev_accuracy": plan.pseudo_min_dev_accuracy, **plan.settings}
