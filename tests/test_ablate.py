@@ -33,8 +33,8 @@ from vegalm.experiments import ablate
 from vegalm.data.glue import load_extra_train
 from vegalm.finetune.config import FinetuneConfig, config_hash, resolve
 from vegalm.finetune.models import minilm_path
+from _data import GLUE_DIR
 
-GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
 TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             position_buckets=32, initializer_range=0.5)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from _bench import load_bench
+from _data import GLUE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-GLUE_DIR = ROOT.parent / "shared" / "data" / "glue"
 pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
 
 

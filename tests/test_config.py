@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from _data import needs_corpus
 from vegalm.config import ConfigError, from_dict, load_config, parse_override, to_dict
 from vegalm.pretrain.run import RecipeConfig
 
@@ -181,6 +182,7 @@ def test_paths_resolve_against_the_recipe_file(tmp_path):
     assert override == "mine.txt"  # a typed path is the user's, relative to the working directory
 
 
+@needs_corpus
 def test_repo_recipes_find_the_corpus_from_any_working_directory(tmp_path, monkeypatch):
     import glob
 

@@ -6,7 +6,6 @@ import os
 import pickle
 import shutil
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +19,9 @@ from vegalm.data.store import SegmentStore
 from vegalm.data.tokenizer import train_tokenizer
 from vegalm.cache import StaleStageError
 from vegalm.errors import VegaError
+from _data import CORPUS_DIR, needs_corpus, require
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpus"
+DATA = CORPUS_DIR
 WIKI1 = DATA / "wikipedia" / "wiki-001.txt.gz"
 BLAKE = DATA / "gutenberg" / "blake-poems.txt.gz"
 
@@ -76,6 +76,7 @@ def test_pieces_respect_limit_and_char_boundaries():
     assert "\ufffd" not in "".join(p for p, _, _ in pieces) and stats.long_lines_split == 1
 
 
+@needs_corpus
 def test_reader_limits_and_missing_paths(tmp_path):
     docs, stats = read(WIKI1, max_docs=5)
     assert len(docs) == 5 == stats.docs and all(d.strip() for d in docs)
@@ -107,6 +108,7 @@ def test_hub_record_mapping_on_local_dataset():
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
+    require(CORPUS_DIR)
     out = tmp_path_factory.mktemp("tok")
     return train_tokenizer(str(DATA / "wikipedia" / "wiki-000.txt.gz"), 1000, out, max_docs=500, seed_size=20_000,
                            shrinking_factor=0.5, n_sub_iterations=1, progress=False)

@@ -25,6 +25,7 @@ SCRIPT = TESTS / "_tiny_train.py"
 sys.path.insert(0, str(TESTS))
 import _tiny_train as tiny  # noqa: E402
 import _torchrun  # noqa: E402
+from _data import CORPUS_DIR, require  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="no gloo backend"
@@ -149,6 +150,7 @@ def smoke(tmp_path_factory) -> dict[str, Path]:
     """The FSDP smoke recipe four ways: uninterrupted; SIGKILLed by every process right after its first sharded
     checkpoint (phase 1, step 6), then rerun; two loopback torchrun nodes of one process each; and two loopback
     `accelerate launch -m vegalm.cli` machines (docs/scaling.md's forms)."""
+    require(CORPUS_DIR)
     root = tmp_path_factory.mktemp("smoke-fsdp")
     runs = {name: root / name for name in ("straight", "killed", "nodes", "accelerate")}
     proc = _torchrun.run([*PRETRAIN, "--out", str(runs["straight"])], timeout=400)

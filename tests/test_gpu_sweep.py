@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from vegalm.finetune.models import minilm_path
+from _data import GLUE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
 pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
 
 _spec = importlib.util.spec_from_file_location("gpu_sweep", REPO / "tools" / "gpu_sweep.py")

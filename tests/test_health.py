@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from _data import GLUE_DIR
 from vegalm.model import EncoderConfig, VegaForRTD
 from vegalm.pretrain.health import (HealthCallback, HealthConfig, binary_entropy, evaluate, roc_auc, rtd_stats,
                                    split_heldout)
@@ -234,7 +234,7 @@ def test_sts_zero_shot_probe_on_real_dev(tmp_path):
     from vegalm.data.tokenizer import load_tokenizer, train_tokenizer
     from vegalm.pretrain.probe import read_stsb, sts_zero_shot
 
-    dev = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue" / "STS-B" / "dev.tsv"
+    dev = GLUE_DIR / "STS-B" / "dev.tsv"
     if not dev.is_file():
         pytest.skip(f"real STS-B dev not found at {dev}")
     a, b, _ = read_stsb(dev)

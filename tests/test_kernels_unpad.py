@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import copy
 import csv
-from pathlib import Path
 
 import pytest
 import torch
 
 from vegalm.model import EncoderConfig, VegaForSequenceClassification
 from vegalm.model.unpad import Packing, enable_unpadding
+from _data import GLUE_DIR, needs_glue
 
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+GLUE = GLUE_DIR
 
 
 def _rte_pairs(n: int = 6) -> list[tuple[str, str]]:
@@ -124,6 +124,7 @@ def _minilm():
     return model.train(), AutoTokenizer.from_pretrained(path)
 
 
+@needs_glue
 def test_minilm_unpadded_matches_padded_on_rte():
     padded, tok = _minilm()
     unpadded = copy.deepcopy(padded)
@@ -143,6 +144,7 @@ def test_minilm_unpadded_matches_padded_on_rte():
     _compare(padded, unpadded, one, torch.tensor([1]))
 
 
+@needs_glue
 def test_minilm_unpadded_bf16_autocast_close():
     padded, tok = _minilm()
     unpadded = copy.deepcopy(padded)

@@ -26,8 +26,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from _data import CORPUS_DIR, GLUE_DIR, needs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, needs(CORPUS_DIR, GLUE_DIR)]
 
 REPO = Path(__file__).resolve().parents[1]
 SUBMISSION = ["AX.tsv", "CoLA.tsv", "MNLI-m.tsv", "MNLI-mm.tsv", "MRPC.tsv", "QNLI.tsv", "QQP.tsv", "RTE.tsv",

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from _data import needs_corpus
 from vegalm.model import EncoderConfig
 from vegalm.pretrain.contrastive import simcse_loss
 from vegalm.pretrain.gdes import GDESEmbedding, unshare
@@ -252,6 +253,7 @@ def test_rtd_resume_is_bit_exact(tmp_path):
 
 
 @pytest.mark.slow
+@needs_corpus
 def test_changed_rerun_refuses_or_retrains_and_recipe_json_tells_the_truth(tmp_path):
     """A finished `vegalm pretrain` rerun with another phase1.train.lr / max_steps: without --retrain one line
     naming the changed keys and nothing touched; with it phase 1, phase 2 and the export are trained again."""

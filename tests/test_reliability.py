@@ -32,9 +32,10 @@ from safetensors.torch import load_file
 
 from vegalm.cli import main
 from vegalm.train.checkpoint import MARKER, latest_checkpoint, load_checkpoint
+from _data import CORPUS_DIR, GLUE_DIR, needs, require
 
 REPO = Path(__file__).resolve().parents[1]
-GLUE = REPO.parent / "shared" / "data" / "glue"
+GLUE = GLUE_DIR
 SMOKE = str(REPO / "recipes" / "smoke.yaml")
 
 _spec = importlib.util.spec_from_file_location("kill_resume", REPO / "bench" / "kill_resume.py")
@@ -45,6 +46,7 @@ _spec.loader.exec_module(kr)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> kr.Setup:
     """Shared corpus + tokenizer, and one uninterrupted reference run (a subprocess, ~8 s)."""
+    require(CORPUS_DIR)
     return kr.setup(tmp_path_factory.mktemp("kr"))
 
 
@@ -305,6 +307,7 @@ def test_pretrain_on_a_dirty_corpus(setup, tmp_path):
 @pytest.fixture()
 def rte_dir(tmp_path) -> Path:
     """A GLUE dir holding the first 20 lines of the real RTE train/dev/test files."""
+    require(GLUE)
     root = tmp_path / "glue"
     (root / "RTE").mkdir(parents=True)
     for split in ("train", "dev", "test"):
@@ -353,6 +356,7 @@ def test_finetune_bad_glue_through_a_real_process(setup, rte_dir, tmp_path):
     assert not (tmp_path / "ft" / "results.json").exists()
 
 
+@needs(GLUE)
 @pytest.mark.parametrize("command", ["finetune", "glue"])
 def test_wrong_model_path(tmp_path, capsys, command):
     out = tmp_path / "out"

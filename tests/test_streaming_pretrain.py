@@ -16,12 +16,14 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))
 import _torchrun  # noqa: E402
+from _data import CORPUS_DIR, needs
 
-CORPUS = REPO.parent / "shared" / "data" / "corpus" / "gutenberg"
+CORPUS = CORPUS_DIR / "gutenberg"
 PRETRAIN = ["-m", "vegalm.cli", "pretrain", "--recipe", str(REPO / "recipes" / "smoke.yaml"), "baseline=null",
             "data.streaming=true", f"data.corpus=hf:text:{CORPUS}/austen-[ep]*.txt.gz"]  # 2 files: a shard each
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="no gloo backend")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="no gloo backend"),
+              needs(CORPUS_DIR)]
 
 
 def _export(run: Path) -> dict[str, torch.Tensor]:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from vegalm.experiments.submission import SUBMISSION_STEMS, SubmissionError, read_submission, write_submission
+from _data import GLUE_DIR
 
-GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 ELEVEN = {"CoLA.tsv", "SST-2.tsv", "MRPC.tsv", "STS-B.tsv", "QQP.tsv", "MNLI-m.tsv", "MNLI-mm.tsv",
           "QNLI.tsv", "RTE.tsv", "WNLI.tsv", "AX.tsv"}
 MNLI_FRONT = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",

@@ -2,7 +2,6 @@
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer
@@ -11,13 +10,15 @@ from vegalm.cache import STAGE_FILE, StaleStageError
 from vegalm.data.documents import iter_documents
 from vegalm.data.tokenizer import SPECIAL_TOKENS, canonical_unigram, load_tokenizer, tokenizer_train_main, train_tokenizer
 from vegalm.errors import VegaError
+from _data import CORPUS_DIR, needs_corpus, require
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpus"
+DATA = CORPUS_DIR
 WIKI = DATA / "wikipedia"
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    require(CORPUS_DIR)
     out = tmp_path_factory.mktemp("tok")
     # 2000 real documents (~4 MB); a small seed set, fast shrinking and one EM sub-iteration keep it to seconds.
     hf = train_tokenizer(str(WIKI / "wiki-000.txt.gz"), 1500, out, max_docs=2000, seed_size=20_000,
@@ -28,6 +29,7 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sentences():
     """~100 real sentences from a file the tokenizer did not see."""
+    require(CORPUS_DIR)
     out = []
     for doc in iter_documents(WIKI / "wiki-001.txt.gz", max_docs=60):
         out += [s.strip() for s in re.split(r"(?<=\.) ", doc.replace("\n", " ")) if len(s.split()) >= 4]
@@ -112,6 +114,7 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path)
 
 
+@needs_corpus
 def test_cli_main_and_bad_inputs(tmp_path, capsys):
     corpus = str(DATA / "gutenberg" / "blake-poems.txt.gz") + "," + str(WIKI / "wiki-002.txt.gz")
     assert tokenizer_train_main(corpus, 300, str(tmp_path / "t"), max_docs=100) == 0
@@ -128,6 +131,7 @@ def _tiny_train(corpus, vocab, out, **kw):
                            progress=False, **kw)
 
 
+@needs_corpus
 def test_stale_tokenizer_is_never_reused_silently(tmp_path):
     """The issue's case: a tokenizer left by a run on a one-line corpus must not serve the corrected run."""
     tiny = tmp_path / "one_line.txt"
@@ -149,6 +153,7 @@ def test_stale_tokenizer_is_never_reused_silently(tmp_path):
     assert len(hf) == 300 and json.loads((out / "tokenizer.json").read_text()) != small
 
 
+@needs_corpus
 def test_legacy_tokenizer_folder_without_stage_record_is_retrained(tmp_path):
     tiny = tmp_path / "one_line.txt"
     tiny.write_text("Only one short line here.\n")
@@ -159,6 +164,7 @@ def test_legacy_tokenizer_folder_without_stage_record_is_retrained(tmp_path):
     assert len(hf) == 300 and (out / STAGE_FILE).is_file()
 
 
+@needs_corpus
 def test_someone_elses_tokenizer_folder_is_not_overwritten(tmp_path):
     (tmp_path / "theirs").mkdir()
     (tmp_path / "theirs" / "tokenizer.json").write_text("{}")
@@ -167,6 +173,7 @@ def test_someone_elses_tokenizer_folder_is_not_overwritten(tmp_path):
     assert (tmp_path / "theirs" / "tokenizer.json").read_text() == "{}"
 
 
+@needs_corpus
 def test_degenerate_vocabulary_warns_loudly(tmp_path, capsys, caplog):
     tiny = tmp_path / "one_line.txt"
     tiny.write_text("Only one short line here.\n")

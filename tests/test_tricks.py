@@ -5,7 +5,6 @@ Every trick runs on a tiny transformers BERT and on our VegaForSequenceClassific
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,9 +32,10 @@ from vegalm.finetune.tricks import (
 )
 from vegalm.train.optim import layerwise_lr_groups
 from vegalm.model import EncoderConfig, VegaForSequenceClassification
+from _data import GLUE_DIR
 
 torch.set_num_threads(1)
-GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
+GLUE = GLUE_DIR
 TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 KINDS = ("bert", "vega")
 
