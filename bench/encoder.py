@@ -12,7 +12,8 @@ Memory: `act_mb` is the bytes autograd keeps for backward after one forward (ded
 storage; deterministic). `peak_rss_mb` (full mode) is the resident-set high-water mark of a
 fresh process running 2 steps (VmHWM, reset before the steps), minus its RSS before the first step: the median
 of --repeats processes per side. `mem_ratio_s512_live` repeats that with MALLOC_MMAP_THRESHOLD_=131072 for both
-sides, where freed blocks leave at once and the peak is the live memory (see `rss_pair`).
+sides, where freed blocks leave at once and the peak is the live memory (see `rss_pair`). `--malloc keep` (the default)
+sets glibc's thresholds as vegalm's Trainer does on a CPU (train/allocator.py) in every process, both sides.
 
 MFU: model FLOPs (3x the forward matmul FLOPs, relative rows P = 2L-1) divided by the step
 time and by the GEMM peak of the same dtype (`gemm_gflops_fp32` / `_bf16`: a 1024^3 matmul
@@ -35,6 +36,8 @@ import time
 from contextlib import nullcontext
 
 import torch
+
+from vegalm.train.allocator import SWITCH, keep_freed_memory
 
 TINY = dict(
     vocab_size=32000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
@@ -116,6 +119,7 @@ def rss_child(which: str, B: int, L: int, dtype: str) -> float:
     Only the measured model is built (random weights: memory does not depend on their values)."""
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    keep_freed_memory()  # as in the parent (VEGALM_KEEP_FREED_MEMORY=0 there: --malloc default)
     if which == "hf":
         from transformers import DebertaV2Config, DebertaV2Model
 
@@ -168,9 +172,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fp32 only, activation memory only; < 60 s")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                    help="keep: glibc keeps freed large blocks, as vegalm's Trainer sets on a CPU "
+                         "(train/allocator.py), for both sides; default: glibc as it starts")
     ap.add_argument("--_rss", nargs=4, metavar=("WHICH", "B", "L", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.malloc == "default":
+        os.environ[SWITCH] = "0"  # this process and the RSS children
+    kept = keep_freed_memory()
     if args._rss:
         w, B, L, dt = args._rss
         print(json.dumps({"rss_mb": rss_child(w, int(B), int(L), dt)}))
@@ -183,7 +193,7 @@ def main() -> None:
     cases = [(32, 128), (8, 512)]
     rows = []
     summary = {"gemm_gflops_fp32": round(gflops, 1), "gemm_gflops_bf16": round(peaks["bf16"], 1), "threads": 2,
-               "repeats": args.repeats}
+               "repeats": args.repeats, "malloc": args.malloc, "malloc_kept": kept}
     print(f"{'case':<14}{'dtype':<6}{'HF tok/s':>10}{'ours tok/s':>12}{'speedup':>9}"
           f"{'HF act MB':>11}{'ours act MB':>12}{'HF RSS MB':>11}{'ours RSS MB':>12}{'MFU HF':>8}{'MFU ours':>9}")  # fmt: skip
     for dtype in dtypes:

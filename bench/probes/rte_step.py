@@ -19,7 +19,7 @@ from vegalm.data.glue import load_split
 from vegalm.finetune.models import minilm_path
 from vegalm.model.unpad import enable_unpadding, use_fast_dropout
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 U.ATTN_GROUPS = int(os.environ.get("G", "4"))
 tok = AutoTokenizer.from_pretrained(str(minilm_path()))
 rows = load_split("rte", "train", None)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from vegalm.config import ConfigError, option
 from vegalm.errors import Interrupted, VegaError
+from vegalm.train.allocator import keep_freed_memory
 from vegalm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir_name
 from vegalm.train.interrupt import StopSignals
 from vegalm.train.optim import SCHEDULES, build_optimizer, build_scheduler
@@ -183,6 +184,8 @@ class Trainer:
         if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise VegaError(f"Accelerate's {acc.distributed_type.value} plugin is not supported: launch with torchrun "
                             "(or a DDP accelerate config) and set train.fsdp=true (docs/scaling.md)")
+        if acc.device.type == "cpu":
+            keep_freed_memory()  # train/allocator.py: no page faults on every S512 activation
         model.to(acc.device)  # before building the optimizer, so fused AdamW sees the real device
         self.fsdp = cfg.fsdp
         if cfg.fsdp:  # shard before the optimizer exists: it must hold the sharded parameters
