@@ -38,7 +38,7 @@ OUT/ablation.json and OUT/ablation.png; the last stdout line is one JSON object
 
 Combos: vanilla (no tricks), adv, selfcal, transductive (self-training on confident, class-balanced test
 pseudo-labels; STS-B gets none: regression), all (= adv + selfcal + transductive), or any single trick
-name (smart, freelb, r3f, sift, ema); join parts with + (adv+ema, all+ema). See docs/ablation.md.
+name (smart, freelb, r3f, sift, rdrop, ema); join parts with + (adv+ema, all+ema). See docs/ablation.md.
 
 {_KEYS_HELP} They apply to every run; save_model defaults to false. task/model/out/seed/tricks are set
 by the ablation.
