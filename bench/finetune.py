@@ -8,7 +8,8 @@ The Trainer side is bench/glue_anchor.py's `hf_side` (run_glue.py defaults: fp32
 batch padded to 128 as run_glue.py's `pad_to_max_length` does). Our side is the `vegalm finetune` CLI with
 no settings but the epoch count, the subset and `--ours`. Each run is a fresh process with the same
 OMP_NUM_THREADS; the sides alternate and swap who goes first. Speed-up = Trainer training seconds /
-ours (median of the paired ratios). Both sides train the same number of epochs, so each run's dev score
+ours (median of the paired ratios). Our side's Trainer keeps freed memory
+in glibc's heap on a CPU (train/allocator.py); `--trainer-malloc keep` gives the Trainer side the same. Both sides train the same number of epochs, so each run's dev score
 is comparable; with --quick the subsets are too small for the scores to mean anything.
 The last stdout line is one JSON object (speedup_rte, speedup_mrpc, dev_rte, dev_mrpc, dev_trainer_*).
 """
@@ -24,12 +25,18 @@ import sys
 import tempfile
 from pathlib import Path
 
+TRAINER_KEEP = "VEGALM_BENCH_TRAINER_KEEP"
 HERE = Path(__file__).resolve().parent
 
 
 def trainer_child(task: str, seed: int, n: int | None, threads: int) -> dict:
     """In a fresh process: glue_anchor's Trainer side for one epoch, batches padded to 128."""
     import torch
+
+    if os.environ.get(TRAINER_KEEP) == "1":  # --trainer-malloc keep: glibc as vegalm's Trainer sets it
+        from vegalm.train.allocator import keep_freed_memory
+
+        keep_freed_memory()
 
     sys.path.insert(0, str(HERE))
     from glue_anchor import hf_side
@@ -42,17 +49,18 @@ def trainer_child(task: str, seed: int, n: int | None, threads: int) -> dict:
     return {"train_s": r["train_s"], "dev_score": r["dev_score"], "steps": r["steps"]}
 
 
-def _run(cmd: list[str], threads: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TRANSFORMERS_VERBOSITY": "error"}
+def _run(cmd: list[str], threads: int, **extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TRANSFORMERS_VERBOSITY": "error", **extra}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"error: {' '.join(cmd[:4])} failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
     return proc
 
 
-def run_trainer(task, seed, n, threads) -> dict:
+def run_trainer(task, seed, n, threads, malloc: str) -> dict:
     cmd = [sys.executable, __file__, "--_trainer", task, str(seed), str(n or 0), str(threads)]
-    return json.loads(_run(cmd, threads).stdout.strip().splitlines()[-1])
+    return json.loads(_run(cmd, threads, **{TRAINER_KEEP: "1" if malloc == "keep" else "0"}).stdout.strip()
+                      .splitlines()[-1])
 
 
 def run_ours(task, seed, n, threads, extra: list[str]) -> dict:
@@ -73,6 +81,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE", help="extra settings for our side")
+    ap.add_argument("--trainer-malloc", choices=("default", "keep"), default="default",
+                    help="the Trainer side's glibc malloc: as it starts (what run_glue users get), or keeping freed "
+                         "memory as our side's Trainer does on a CPU (train/allocator.py)")
     ap.add_argument("--_trainer", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._trainer:
@@ -81,14 +92,15 @@ def main() -> None:
         return
     n = 96 if args.quick else None  # 3 steps of 32: the quick mode times the fixed costs too
     repeats = args.repeats or (1 if args.quick else 3)
-    summary = {"threads": args.threads, "repeats": repeats, "max_train_samples": n, "ours_settings": args.ours}
+    summary = {"threads": args.threads, "repeats": repeats, "max_train_samples": n, "ours_settings": args.ours,
+               "trainer_malloc": args.trainer_malloc}
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         pairs = []
         for i in range(repeats):
             order = ("trainer", "ours") if i % 2 == 0 else ("ours", "trainer")
             r = {}
             for side in order:
-                r[side] = (run_trainer(task, args.seed, n, args.threads) if side == "trainer"
+                r[side] = (run_trainer(task, args.seed, n, args.threads, args.trainer_malloc) if side == "trainer"
                            else run_ours(task, args.seed, n, args.threads, args.ours))
             pairs.append(r)
             print(f"{task} repeat {i + 1}: Trainer {r['trainer']['train_s']:.1f} s ({r['trainer']['steps']} steps, "
