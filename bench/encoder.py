@@ -8,12 +8,12 @@ A step is forward + backward + AdamW on the tiny DeBERTa-v3-style config (hidden
 paper). HF and ours alternate step by step so that machine noise hits both; each figure is
 the median of >= 5 timed steps after 2 warm-up steps, with torch.set_num_threads(2).
 
-Memory: `act_mb` is the bytes autograd keeps for backward after one forward (deduplicated by
-storage; deterministic). `peak_rss_mb` (full mode) is the resident-set high-water mark of a
-fresh process running 2 steps (VmHWM, reset before the steps), minus its RSS before the first step: the median
-of --repeats processes per side. `mem_ratio_s512_live` repeats that with MALLOC_MMAP_THRESHOLD_=131072 for both
-sides, where freed blocks leave at once and the peak is the live memory (see `rss_pair`). `--malloc keep` (the default)
-sets glibc's thresholds as vegalm's Trainer does on a CPU (train/allocator.py) in every process, both sides.
+Memory: `act_mb` is the bytes autograd keeps for backward after one forward (deduplicated by storage;
+deterministic). `peak_rss_mb` (full mode) is the resident-set high-water mark of a fresh process running 2 steps
+(VmHWM, reset before the steps), minus its RSS before the first step: the median of --repeats processes per side.
+`mem_ratio_s512_live` repeats that with MALLOC_MMAP_THRESHOLD_=131072 for both sides, where freed blocks leave at
+once and the peak is the live memory (see `rss_pair`). `--malloc keep` (the default) sets glibc's thresholds as
+vegalm's Trainer does on a CPU (train/allocator.py) in every process, both sides.
 
 MFU: model FLOPs (3x the forward matmul FLOPs, relative rows P = 2L-1) divided by the step
 time and by the GEMM peak of the same dtype (`gemm_gflops_fp32` / `_bf16`: a 1024^3 matmul

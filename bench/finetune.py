@@ -4,13 +4,13 @@
     python bench/finetune.py --quick         # 96 train examples per run, 1 repeat (< 3 min on a quiet 2-core machine)
     python bench/finetune.py --ours mixed_precision=bf16   # extra key=value settings for our side
 
-The Trainer side is bench/glue_anchor.py's `hf_side` (run_glue.py defaults: fp32, lr 2e-5, batch 32, every
-batch padded to 128 as run_glue.py's `pad_to_max_length` does). Our side is the `vegalm finetune` CLI with
-no settings but the epoch count, the subset and `--ours`. Each run is a fresh process with the same
-OMP_NUM_THREADS; the sides alternate and swap who goes first. Speed-up = Trainer training seconds /
-ours (median of the paired ratios). Our side's Trainer keeps freed memory
-in glibc's heap on a CPU (train/allocator.py); `--trainer-malloc keep` gives the Trainer side the same. Both sides train the same number of epochs, so each run's dev score
-is comparable; with --quick the subsets are too small for the scores to mean anything.
+The Trainer side is bench/glue_anchor.py's `hf_side` (run_glue.py defaults: fp32, lr 2e-5, batch 32, every batch
+padded to 128 as run_glue.py's `pad_to_max_length` does). Our side is the `vegalm finetune` CLI with no settings but
+the epoch count, the subset and `--ours`. Each run is a fresh process with the same OMP_NUM_THREADS; the sides
+alternate and swap who goes first. Speed-up = Trainer training seconds / ours (median of the paired ratios). Our
+side's Trainer keeps freed memory in glibc's heap on a CPU (train/allocator.py); `--trainer-malloc keep` gives the
+Trainer side the same. Both sides train the same number of epochs, so each run's dev score is comparable; with
+--quick the subsets are too small for the scores to mean anything.
 The last stdout line is one JSON object (speedup_rte, speedup_mrpc, dev_rte, dev_mrpc, dev_trainer_*).
 """
 

@@ -16,7 +16,8 @@ SKIPS = re.compile(r"\b(needs|needs_glue|needs_corpus|require)\b|pytest\.skip|sk
 
 
 def _sources() -> dict[str, str]:
-    return {f.name: f.read_text(encoding="utf-8") for f in sorted(TESTS.glob("*.py")) if f.name not in ("_data.py", Path(__file__).name)}
+    skip = ("_data.py", Path(__file__).name)
+    return {f.name: f.read_text(encoding="utf-8") for f in sorted(TESTS.glob("*.py")) if f.name not in skip}
 
 
 def test_no_test_builds_its_own_path_to_the_shared_data():

@@ -62,8 +62,8 @@ def main() -> None:
             med = {m: statistics.median(r[case][who] for r in runs[m]) for m in runs}
             summary[f"{case}_{who}_s"] = {m: round(v, 4) for m, v in med.items()}
             summary[f"{case}_{who}_keep_speedup"] = round(med["default"] / med["keep"], 3)
-        summary[f"{case}_ours_vs_hf"] = {m: round(statistics.median(r[case]["hf"] / r[case]["ours"] for r in runs[m]), 3)
-                                         for m in runs}
+        summary[f"{case}_ours_vs_hf"] = {
+            m: round(statistics.median(r[case]["hf"] / r[case]["ours"] for r in runs[m]), 3) for m in runs}
     print(json.dumps(summary))
 
 

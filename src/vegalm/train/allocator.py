@@ -1,11 +1,12 @@
 """glibc's malloc on a CPU run: keep freed large blocks in the heap instead of unmapping them.
 
-glibc serves a block above M_MMAP_THRESHOLD with fresh pages from mmap and unmaps it on free. The threshold
-adapts but stops at 32 MiB, and an S512 activation is larger (bf16 [8, 4, 512, 1023] is 33.5 MB), so each one
-is page-faulted in again at every use. With the thresholds below an encoder step on one thread ran 1.00-1.15x
-as fast (ours) and 1.10-1.52x (transformers' DeBERTa), a MiniLM fine-tuning step about 1.1x (BENCHMARKS.md,
-"glibc's malloc"), for about 7% more peak RSS (the heap keeps what it frees). Set once per process by the Trainer on a CPU. Off: VEGALM_KEEP_FREED_MEMORY=0; glibc's own
-MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ / MALLOC_TOP_PAD_, when set, are left in charge.
+glibc serves a block above M_MMAP_THRESHOLD with fresh pages from mmap and unmaps it on free. The threshold adapts
+but stops at 32 MiB, and an S512 activation is larger (bf16 [8, 4, 512, 1023] is 33.5 MB), so each one is
+page-faulted in again at every use. With the thresholds below an encoder step on one thread ran 1.00-1.15x as fast
+(ours) and 1.10-1.52x (transformers' DeBERTa), a MiniLM fine-tuning step about 1.1x (BENCHMARKS.md, "glibc's
+malloc"), for about 7% more peak RSS (the heap keeps what it frees). Set once per process by the Trainer on a CPU.
+Off: VEGALM_KEEP_FREED_MEMORY=0; glibc's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ / MALLOC_TOP_PAD_, when
+set, are left in charge.
 """
 
 from __future__ import annotations
