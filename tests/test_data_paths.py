@@ -9,8 +9,9 @@ from pathlib import Path
 import _data
 
 TESTS = Path(__file__).resolve().parent
-# a path to the shared data built from this checkout's location (tmp_path layouts are the tests' own)
-BUILT_HERE = re.compile(r'(__file__|REPO|ROOT)\b[^\n]*"shared"\s*/\s*"data"')
+# a path to the shared data built from this checkout's location (tmp_path layouts are the tests' own, and
+# test_glue_data checks the package's default through the package's own root, glue._REPO_ROOT)
+BUILT_HERE = re.compile(r'\b(__file__|REPO|ROOT)\b[^\n]*"shared"\s*/\s*"data"')
 DATA_NAMES = re.compile(r"from _data import [^\n]*\b(GLUE_DIR|CORPUS_DIR|SHARED_DATA)\b")
 SKIPS = re.compile(r"\b(needs|needs_glue|needs_corpus|require)\b|pytest\.skip|skipif")
 

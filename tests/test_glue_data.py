@@ -21,7 +21,7 @@ from vegalm.data.glue import (
     load_task,
 )
 from vegalm.errors import VegaError
-from _data import GLUE_DIR, REPO
+from _data import GLUE_DIR
 
 needs_real = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
 
@@ -300,7 +300,7 @@ def test_default_glue_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(work)  # ../shared/data/glue from the working dir wins
     assert default_glue_dir().resolve() == (tmp_path / "shared" / "data" / "glue").resolve()
     monkeypatch.chdir(tmp_path)  # no ../shared here: falls back to the repo's sibling
-    expected = glue._REPO_ROOT.parent / GLUE_DIR.relative_to(REPO.parent)  # the package's own sibling
+    expected = glue._REPO_ROOT.parent / "shared" / "data" / "glue"  # the package's own sibling
     assert default_glue_dir() == (expected if expected.is_dir() else tmp_path.parent / "shared" / "data" / "glue")
 
 
