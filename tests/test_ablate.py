@@ -640,3 +640,19 @@ def test_plan_model_paths_are_relative_to_the_file(tmp_path):
     (tmp_path / "p.yaml").write_text("model: minilm-l6\nmodel_tag: t\n")
     with pytest.raises(ConfigError, match="seeds: required"):
         load_plan(tmp_path / "p.yaml")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the committed plan runs on the CPU")
+@pytest.mark.skipif(not GLUE_DIR.is_dir(), reason="needs ../shared/data/glue")
+def test_the_committed_preregistration_validates_every_run(tmp_path, capsys):
+    """results/ablation/PREREGISTERED.yaml (issue 17's frozen sweep) still loads and every one of its runs passes
+    validation: a code change that broke it would stop the sweep mid-way. --cached-only trains nothing."""
+    from vegalm.cli import main
+    from vegalm.experiments.ablate.plan import load_plan
+
+    committed = Path(__file__).resolve().parents[1] / "results" / "ablation" / "PREREGISTERED.yaml"
+    plan = load_plan(committed)
+    assert plan.kwargs["seeds"] == [3, 4, 5] and plan.plan.device == "cpu"
+    assert main(["ablate", "--plan", str(committed), "--out", str(tmp_path / "o"), "--cached-only"]) == 2
+    err = capsys.readouterr().err
+    assert f"none of the {3 * 4 * 6} runs is cached" in err, err[-2000:]
