@@ -119,7 +119,6 @@ def rss_child(which: str, B: int, L: int, dtype: str) -> float:
     Only the measured model is built (random weights: memory does not depend on their values)."""
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    keep_freed_memory()  # as in the parent (VEGALM_KEEP_FREED_MEMORY=0 there: --malloc default)
     if which == "hf":
         from transformers import DebertaV2Config, DebertaV2Model
 
@@ -180,7 +179,7 @@ def main() -> None:
     torch.set_num_threads(2)
     if args.malloc == "default":
         os.environ[SWITCH] = "0"  # this process and the RSS children
-    kept = keep_freed_memory()
+    kept = keep_freed_memory()  # the --_rss children inherit the switch (and MALLOC_*_ for the live peak)
     if args._rss:
         w, B, L, dt = args._rss
         print(json.dumps({"rss_mb": rss_child(w, int(B), int(L), dt)}))

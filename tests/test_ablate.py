@@ -33,9 +33,9 @@ from vegalm.experiments import ablate
 from vegalm.data.glue import load_extra_train
 from vegalm.finetune.config import FinetuneConfig, config_hash, resolve
 from vegalm.finetune.models import minilm_path
-from _data import GLUE_DIR
+from _data import GLUE_DIR, needs_glue
 
-pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
+pytestmark = needs_glue
 TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             position_buckets=32, initializer_range=0.5)
 COMBOS = ["vanilla", "adv", "selfcal", "transductive"]
@@ -643,7 +643,6 @@ def test_plan_model_paths_are_relative_to_the_file(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the committed plan runs on the CPU")
-@pytest.mark.skipif(not GLUE_DIR.is_dir(), reason="needs ../shared/data/glue")
 def test_the_committed_preregistration_validates_every_run(tmp_path, capsys):
     """results/ablation/PREREGISTERED.yaml (issue 17's frozen sweep) still loads and every one of its runs passes
     validation: a code change that broke it would stop the sweep mid-way. --cached-only trains nothing."""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -11,8 +12,7 @@ import torch
 from vegalm.train import allocator
 from vegalm.train.trainer import TrainConfig, Trainer
 
-glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION")
-                           .startswith("glibc"), reason="glibc's mallopt thresholds")
+glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt thresholds")
 
 # RSS (kB) with a 64 MiB tensor alive, then after freeing it, in a fresh process
 PROBE = """

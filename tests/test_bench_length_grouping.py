@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from _bench import load_bench
-from _data import GLUE_DIR
+from _data import GLUE_DIR, needs_glue
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
+pytestmark = needs_glue
 
 
 def test_arms_train_the_same_examples():

@@ -28,9 +28,9 @@ from vegalm.finetune.run import run_finetune
 from vegalm.finetune.tasks import Collator, encode_examples
 from vegalm.finetune.tricks import TRICKS, Trick
 from vegalm.model import EncoderConfig, VegaForSequenceClassification, VegaModel
-from _data import GLUE_DIR
+from _data import GLUE_DIR, needs_glue
 
-pytestmark = [pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}"),
+pytestmark = [needs_glue,
               pytest.mark.usefixtures("fresh_accelerate")]
 TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             position_buckets=32)

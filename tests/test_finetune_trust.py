@@ -16,9 +16,9 @@ from vegalm.finetune.config import FinetuneConfig, resolve
 from vegalm.finetune.models import minilm_path
 from vegalm.model import EncoderConfig, VegaModel
 from vegalm.outdir import MARKER, lock_dir
-from _data import GLUE_DIR
+from _data import GLUE_DIR, needs
 
-pytestmark = [pytest.mark.skipif(not (GLUE_DIR / "WNLI" / "train.tsv").is_file(), reason="GLUE data not present"),
+pytestmark = [needs(GLUE_DIR / "WNLI" / "train.tsv"),
               pytest.mark.usefixtures("fresh_accelerate")]
 TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             position_buckets=32)

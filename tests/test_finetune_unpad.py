@@ -25,9 +25,9 @@ from vegalm.finetune.tasks import Collator, GlueDataset
 from vegalm.finetune.tricks import build_objective
 from vegalm.finetune.tricks.r3f import R3F, R3FArgs
 from vegalm.model import modeling
-from _data import GLUE_DIR
+from _data import GLUE_DIR, needs_glue
 
-pytestmark = [pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}"),
+pytestmark = [needs_glue,
               pytest.mark.usefixtures("fresh_accelerate")]
 TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             position_buckets=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,

@@ -21,9 +21,8 @@ from vegalm.data.glue import (
     load_task,
 )
 from vegalm.errors import VegaError
-from _data import GLUE_DIR
+from _data import GLUE_DIR, needs_glue
 
-needs_real = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
 
 # Row counts from shared/data/README.md (the canonical GLUE sizes).
 REAL_COUNTS = {
@@ -70,7 +69,7 @@ def test_registry_facts():
 # ------------------------------------------------------------------------------------------ real data
 
 
-@needs_real
+@needs_glue
 @pytest.mark.parametrize(("task", "split"), sorted(REAL_COUNTS))
 def test_real_counts(task, split):
     examples = load_split(task, split, GLUE_DIR)
@@ -85,7 +84,7 @@ def test_real_counts(task, split):
     assert examples[3].guid == f"{task}-{split}-3"
 
 
-@needs_real
+@needs_glue
 def test_real_contents():
     cola = load_split("cola", "dev", GLUE_DIR)  # headerless; label column 2 (counts from `cut -f2 | uniq -c`)
     assert Counter(ex.label for ex in cola) == {1: 721, 0: 322}
@@ -109,7 +108,7 @@ def test_real_contents():
     assert Counter(ex.label for ex in qnli) == {0: 2702, 1: 2761}
 
 
-@needs_real
+@needs_glue
 def test_real_load_task_and_available():
     assert available_splits("qnli", GLUE_DIR) == ["dev", "test"]
     assert available_splits("mnli", GLUE_DIR) == []
@@ -386,7 +385,7 @@ def test_duplicate_test_index_is_caught_at_load_with_file_and_line(tmp_path, tas
     assert [e.index for e in load_split(task, "test", tmp_path)] == [0, 1, 2]
 
 
-@needs_real
+@needs_glue
 def test_real_test_files_have_no_duplicate_indices():
     for task, split in REAL_COUNTS:
         if split == "test":

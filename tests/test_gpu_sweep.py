@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from vegalm.finetune.models import minilm_path
-from _data import GLUE_DIR
+from _data import GLUE_DIR, needs_glue
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
+pytestmark = needs_glue
 
 _spec = importlib.util.spec_from_file_location("gpu_sweep", REPO / "tools" / "gpu_sweep.py")
 gpu_sweep = importlib.util.module_from_spec(_spec)

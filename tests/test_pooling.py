@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from test_finetune import save_tiny_encoder
-from test_finetune_unpad import GLUE_DIR, TINY, _batch
+from _data import GLUE_DIR, needs_glue
+from test_finetune_unpad import TINY, _batch
 from test_kernels_unpad import _tiny_hf
 
 from vegalm.config import ConfigError
@@ -22,7 +23,7 @@ from vegalm.finetune.models import build_model, forward_inputs, minilm_path
 from vegalm.model.pooling import masked_mean, use_mean_pooling
 from vegalm.model.unpad import enable_unpadding
 
-pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
+pytestmark = needs_glue
 
 
 def _mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

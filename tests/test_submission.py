@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vegalm.experiments.submission import SUBMISSION_STEMS, SubmissionError, read_submission, write_submission
-from _data import GLUE_DIR
+from _data import GLUE_DIR, needs_glue
 
 ELEVEN = {"CoLA.tsv", "SST-2.tsv", "MRPC.tsv", "STS-B.tsv", "QQP.tsv", "MNLI-m.tsv", "MNLI-mm.tsv",
           "QNLI.tsv", "RTE.tsv", "WNLI.tsv", "AX.tsv"}
@@ -128,7 +128,7 @@ def test_validation_errors(tiny, tmp_path):
     assert read_submission(out)["QQP"] == [(0, "0"), (1, "1")]
 
 
-@pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
+@needs_glue
 def test_real_glue_dir(tmp_path):
     preds = {"RTE": (list(range(3000)), [i % 2 for i in range(3000)])}
     with warnings.catch_warnings():

@@ -17,9 +17,9 @@ from vegalm.pretrain.gdes import GDESEmbedding
 from vegalm.pretrain.rtd import ObjectiveConfig, RTDModel
 from vegalm.pretrain.run import export
 from vegalm.pretrain.tapt import load_rtd_pair, load_tapt_config, resolve_pair, run_tapt
-from _data import GLUE_DIR
+from _data import GLUE_DIR, needs_glue
 
-pytestmark = [pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}"),
+pytestmark = [needs_glue,
               pytest.mark.usefixtures("fresh_accelerate")]
 
 

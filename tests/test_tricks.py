@@ -32,7 +32,7 @@ from vegalm.finetune.tricks import (
 )
 from vegalm.train.optim import layerwise_lr_groups
 from vegalm.model import EncoderConfig, VegaForSequenceClassification
-from _data import GLUE_DIR
+from _data import GLUE_DIR, needs
 
 torch.set_num_threads(1)
 GLUE = GLUE_DIR
@@ -503,7 +503,7 @@ def test_pseudo_label_never_reads_labels_confident_first_balanced():
         pseudo_label(logits, examples)
 
 
-@pytest.mark.skipif(not (GLUE / "RTE" / "test.tsv").is_file(), reason="needs ../shared/data/glue")
+@needs(GLUE / "RTE" / "test.tsv")
 def test_self_training_on_real_rte_test_rows():
     test = load_split("rte", "test", GLUE)[:40]
     assert all(e.label is None for e in test)
@@ -520,7 +520,7 @@ def test_self_training_on_real_rte_test_rows():
         merge_train(merged, pseudo[:1])
 
 
-@pytest.mark.skipif(not (GLUE / "RTE" / "test.tsv").is_file(), reason="needs ../shared/data/glue")
+@needs(GLUE / "RTE" / "test.tsv")
 def test_task_texts_rte():
     texts = task_texts("rte", GLUE)
     assert len(texts) == len(set(texts))

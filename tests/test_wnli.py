@@ -19,9 +19,9 @@ from vegalm.finetune.config import FinetuneConfig, config_hash, resolve
 from vegalm.finetune.models import minilm_path
 from vegalm.finetune.run import run_finetune
 from vegalm.finetune.stages.wnli import GroupPrior, apply_treatment, premise_key, rank_predictions
-from _data import GLUE_DIR
+from _data import GLUE_DIR, needs_glue
 
-pytestmark = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
+pytestmark = needs_glue
 
 
 class _NoLabel(Example):
