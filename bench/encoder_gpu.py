@@ -5,6 +5,21 @@ DebertaV2Model (eager, its only attention path), same weights, same run.
     python bench/encoder_gpu.py --flex --attn-dropout 0   # also FlexAttention (compiles per shape; it has
                                                           # no attention dropout, so every side runs without)
     python bench/encoder_gpu.py --device cpu --size tiny --repeats 1 --cases 2x64   # a smoke run on CPU
+    python bench/encoder_gpu.py --packages flashdeberta,disentangled-flash --attn-dropout 0
+                                                          # also the two PyPI DeBERTa kernels (below)
+
+The PyPI packages are the issue's anchors, timed from the same weights: `flashdeberta` (FlashDebertaV2Model,
+Triton; it has no attention dropout) and `disentangled-flash` (its `enable_deberta_training` swaps the encoder
+of a copy of transformers' model: Triton on a GPU, its torch path on a CPU). The device machine has no network,
+so their wheels travel (both are pure Python; the machine's torch, triton, transformers and einops are used):
+
+    pip download --no-deps flashdeberta==0.0.8 disentangled-flash==1.1.1 -d .whl          # here (.whl/ is ignored)
+    # there, carry [".whl"]:
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+
+A package that fails to import or to build is left out with its error printed, not timed in its place.
+Before timing, every side's fp32 forward (eval, one padded batch) is compared with transformers': the JSON
+line's `max_abs_diff_vs_hf` gives the largest difference over real tokens per side.
 
 A step is forward + backward + AdamW. The base config is DeBERTa-v3-base's shape (hidden 768, 12 layers,
 12 heads, FFN 3072, vocab 128k, 256 buckets, shared keys, dropout 0.1). The sides alternate step by step
@@ -41,9 +56,11 @@ SIZES = {
 }  # fmt: skip
 
 
-def build(size: str, device: str, impls: list[str], attn_dropout: float | None = None) -> dict[str, torch.nn.Module]:
-    """{'hf': DebertaV2Model, 'ours-<impl>': VegaModel with that kernel}, all with the same random weights.
-    `attn_dropout` replaces the attention-probability dropout (DebertaV2Config's 0.1) on every side."""
+def build(size: str, device: str, impls: list[str], attn_dropout: float | None = None,
+          packages: tuple[str, ...] = ()) -> dict[str, torch.nn.Module]:
+    """{'hf': DebertaV2Model, 'ours-<impl>': VegaModel with that kernel, '<package>': that package's model}, all
+    with the same random weights. `attn_dropout` replaces the attention-probability dropout (DebertaV2Config's
+    0.1) on every side. A package that cannot be imported or built is left out, with its error printed."""
     from transformers import DebertaV2Config, DebertaV2Model
 
     from vegalm.model import VegaModel
@@ -60,7 +77,55 @@ def build(size: str, device: str, impls: list[str], attn_dropout: float | None =
                 if hasattr(mod, "impl"):
                     mod.impl = impl
             models[f"ours-{impl}"] = ours
+        for pkg in packages:
+            try:
+                models[pkg] = PACKAGES[pkg](d, hf, device)
+            except Exception as e:  # noqa: BLE001 - a missing or broken anchor is reported, the rest still run
+                print(f"{pkg}: left out ({type(e).__name__}: {e})", flush=True)
     return {k: m.to(device).train() for k, m in models.items()}
+
+
+def _flashdeberta(path: str, hf: torch.nn.Module, device: str) -> torch.nn.Module:
+    from flashdeberta import FlashDebertaV2Model  # imports triton: absent on a CPU-only machine
+
+    return FlashDebertaV2Model.from_pretrained(path)
+
+
+def _disentangled_flash(path: str, hf: torch.nn.Module, device: str) -> torch.nn.Module:
+    import copy
+
+    from disentangled_flash import DebertaV2OptimizedEncoder, enable_deberta_training
+
+    backend = "triton" if device == "cuda" else "torch"  # its torch path is the one a CPU can run
+    model = enable_deberta_training(copy.deepcopy(hf).to(device), backend=backend)
+    if not isinstance(model.encoder, DebertaV2OptimizedEncoder):  # it keeps transformers' encoder when Triton
+        raise RuntimeError(f"backend {backend!r} kept transformers' encoder (Triton missing or shape unsupported)")
+    return model
+
+
+PACKAGES = {"flashdeberta": _flashdeberta, "disentangled-flash": _disentangled_flash}
+NO_ATTN_DROPOUT = ("flashdeberta",)  # packages whose attention has no dropout: every side must then run without
+
+
+@torch.no_grad()
+def max_abs_diff_vs_hf(models: dict, device: str, size: str) -> dict[str, float]:
+    """Each side's largest |last_hidden_state - transformers'| over the real tokens of one padded fp32 batch
+    (None where that side's fp32 forward failed)."""
+    g = torch.Generator().manual_seed(2)
+    vocab = SIZES[size]["vocab_size"]
+    ids = torch.randint(5, vocab, (2, 48), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0  # one padded row: the varlen paths are compared too
+    outs, real = {}, mask.bool()
+    for name, m in models.items():
+        was = m.training
+        try:
+            outs[name] = m.eval()(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        except Exception as e:  # noqa: BLE001 - e.g. a kernel without fp32: said, and NaN in the JSON line
+            print(f"{name}: fp32 forward failed ({type(e).__name__}: {e})", flush=True)
+        m.train(was)
+    return {n: float((outs[n] - outs["hf"])[real].abs().max()) if n in outs else None
+            for n in models if n != "hf"}
 
 
 def make_step(model, B: int, L: int, dtype: str, device: str):
@@ -91,19 +156,27 @@ def measure(models: dict, B: int, L: int, dtype: str, device: str, repeats: int,
     times: dict[str, list[float]] = {n: [] for n in models}
     mem: dict[str, float | None] = {n: None for n in models}
     for i in range(warmup + repeats):
-        for name, step in steps.items():
+        for name, step in list(steps.items()):
             _sync(device)
             if device == "cuda" and i == warmup:
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
             t = time.perf_counter()
-            step()
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - an anchor failing one case (dtype, length) skips that case
+                if name == "hf":
+                    raise
+                print(f"{name} B{B}xS{L} {dtype}: failed ({type(e).__name__}: {e})", flush=True)
+                del steps[name], times[name]
+                continue
             _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t)
             if device == "cuda" and i == warmup:
                 mem[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return {n: {"s": statistics.median(v), "mem_mb": mem[n]} for n, v in times.items()}
+    return {n: {"s": statistics.median(times[n]), "mem_mb": mem[n]} if n in times else {"s": None, "mem_mb": None}
+            for n in models}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,8 +189,15 @@ def main(argv: list[str] | None = None) -> int:
                     "needs --attn-dropout 0)")
     ap.add_argument("--attn-dropout", type=float, default=None,
                     help="attention-probability dropout for every side (default: DebertaV2Config's 0.1)")
+    ap.add_argument("--packages", default="", help=f"comma-separated PyPI anchors to time too: {', '.join(PACKAGES)}")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
+    packages = tuple(p for p in args.packages.split(",") if p)
+    if unknown := [p for p in packages if p not in PACKAGES]:
+        ap.error(f"--packages: unknown {', '.join(unknown)} (known: {', '.join(PACKAGES)})")
+    if any(p in NO_ATTN_DROPOUT for p in packages) and (args.attn_dropout is None or args.attn_dropout > 0):
+        ap.error(f"--packages {','.join(p for p in packages if p in NO_ATTN_DROPOUT)}: no attention dropout in "
+                 "that kernel; add --attn-dropout 0 (applied to every side, transformers' too)")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device (use --device cpu for a smoke run)")
     if args.flex and (args.attn_dropout is None or args.attn_dropout > 0):
@@ -127,32 +207,37 @@ def main(argv: list[str] | None = None) -> int:
                  "add --attn-dropout 0 (applied to every side, transformers' too)")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
     impls = ["sdpa"] + (["flex"] if args.flex else [])
-    models = build(args.size, args.device, impls, args.attn_dropout)
+    models = build(args.size, args.device, impls, args.attn_dropout, packages)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     drop = "default" if args.attn_dropout is None else args.attn_dropout
+    diff = max_abs_diff_vs_hf(models, args.device, args.size)
     print(f"{name}, torch {torch.__version__}, size {args.size}, attention dropout {drop}, "
-          f"median of {args.repeats} steps")
-    print(f"{'case':<12}{'dtype':<6}" + "".join(f"{n + ' ms':>16}" for n in models)
-          + "".join(f"{n + ' x HF':>16}" for n in models if n != "hf")
-          + "".join(f"{n + ' MB':>16}" for n in models))  # fmt: skip
+          f"median of {args.repeats} steps; fp32 max |diff| vs transformers: "
+          + ", ".join(f"{n} {'failed' if v is None else f'{v:.1e}'}" for n, v in diff.items()))
+    labels = ([f"{n} ms" for n in models] + [f"{n} x HF" for n in models if n != "hf"]
+              + [f"{n} MB" for n in models])  # fmt: skip
+    widths = [max(16, len(x) + 2) for x in labels]
+    print(f"{'case':<12}{'dtype':<6}" + "".join(f"{x:>{w}}" for x, w in zip(labels, widths)))
     rows = []
     for dtype in args.dtypes.split(","):
         for case in args.cases.split(","):
             B, L = (int(x) for x in case.split("x"))
             r = measure(models, B, L, dtype, args.device, args.repeats)
             row = {"case": f"B{B}xS{L}", "dtype": dtype}
+            ratio = {n: None if v["s"] is None else r["hf"]["s"] / v["s"] for n, v in r.items()}  # None: failed
             for n, v in r.items():
-                row[f"{n}_ms"] = round(v["s"] * 1e3, 2)
+                row[f"{n}_ms"] = None if v["s"] is None else round(v["s"] * 1e3, 2)
                 if n != "hf":
-                    row[f"{n}_speedup"] = round(r["hf"]["s"] / v["s"], 3)
+                    row[f"{n}_speedup"] = None if ratio[n] is None else round(ratio[n], 3)
                 row[f"{n}_mem_mb"] = round(v["mem_mb"], 1) if v["mem_mb"] is not None else None
             rows.append(row)
-            mb = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
-            print(f"B{B}xS{L:<8}{dtype:<6}" + "".join(f"{v['s'] * 1e3:>16.1f}" for v in r.values())
-                  + "".join(f"{r['hf']['s'] / v['s']:>15.2f}x" for n, v in r.items() if n != "hf")
-                  + "".join(f"{mb(v['mem_mb']):>16}" for v in r.values()), flush=True)  # fmt: skip
+            cells = ([(None if v["s"] is None else v["s"] * 1e3, ".1f", "") for v in r.values()]
+                     + [(ratio[n], ".2f", "x") for n in r if n != "hf"]
+                     + [(v["mem_mb"], ".0f", "") for v in r.values()])  # fmt: skip
+            print(f"B{B}xS{L:<8}{dtype:<6}" + "".join(
+                f"{'-' if x is None else format(x, f) + end:>{w}}" for (x, f, end), w in zip(cells, widths)), flush=True)
     print(json.dumps({"device": name, "size": args.size, "repeats": args.repeats, "attn_dropout": args.attn_dropout,
-                      "rows": rows}))
+                      "max_abs_diff_vs_hf": diff, "rows": rows}))
     return 0
 
 
