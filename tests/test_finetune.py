@@ -198,6 +198,10 @@ def test_interrupted_run_continues_from_its_checkpoint(tiny_dir, tmp_path, monke
     assert not (out / "results.json").exists()
     resumed = run_finetune(FinetuneConfig.of(**base, out=str(out)))
     assert resumed["train"]["resumed_from_step"] == 4 and resumed["train"]["steps"] == 6
+    # the time of steps 1-4 (first process, up to its checkpoint) is in the resumed run's train and wall times
+    early, timing = resumed["train"]["earlier_processes_s"], resumed["timing"]
+    assert whole["train"]["earlier_processes_s"] == 0 and early > 0
+    assert early < timing["train_s"] <= timing["wall_s"]
     np.testing.assert_array_equal(np.load(out / "dev_logits.npy"), np.load(tmp_path / "whole" / "dev_logits.npy"))
     assert not (out / "checkpoints").exists()  # removed once the run is complete
 

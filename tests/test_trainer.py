@@ -213,6 +213,29 @@ def test_signal_checkpoints_raises_and_resumes_bit_exact(tmp_path, sig):
     assert same(list(straight.model.parameters()), list(resumed.model.parameters()))
 
 
+def test_a_resumed_run_counts_the_time_of_the_steps_it_keeps(tmp_path):
+    class Slow:  # 50 ms per step, so that the times below are well above the loop's own cost
+        def on_step_end(self, trainer, step):
+            time.sleep(0.05)
+            trainer.should_stop = stop_at == step
+
+    stop_at = 5  # the first process stops after step 5 with its last checkpoint at step 3 (a crash's picture)
+    first = make_trainer(tmp_path, callbacks=[Slow()], max_steps=8, save_every=3, save_final=False).train()
+    at_3 = read_metrics(tmp_path)[2]
+    assert first["step"] == 5 and at_3["step"] == 3 and first["elapsed_before"] == 0.0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    stop_at = None
+    second = make_trainer(tmp_path, callbacks=[Slow()], max_steps=8, save_every=3, save_final=False)
+    summary = second.train(resume=True)
+    assert summary["resumed_from"] == 3
+    # the time up to the checkpoint carries over; steps 4-5 of the first process are redone, so not counted
+    assert at_3["elapsed"] <= summary["elapsed_before"] < first["elapsed"]
+    assert summary["elapsed"] >= summary["elapsed_before"] + 5 * 0.05  # steps 4-8 ran in this process
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 9))  # the first process's steps 4-5 were trimmed
+    assert all(a["elapsed"] < b["elapsed"] for a, b in zip(rows, rows[1:]))  # one clock across the processes
+
+
 def test_signal_without_checkpointing_says_so(tmp_path):
     with pytest.raises(Interrupted, match="no checkpoint .checkpointing is off"):
         make_trainer(tmp_path, callbacks=[SendSignal(signal.SIGTERM, {2})], max_steps=6, save_final=False).train()

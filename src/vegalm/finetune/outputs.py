@@ -243,7 +243,8 @@ def results_record(spec: TaskSpec, cfg: Any, resolved: dict, key: str, ev: Any, 
         "num_labels": spec.num_labels,
         "num_train_examples": len(train_ds),
         "train": {"steps": summary["step"], "final_loss": summary["loss"], "skipped_steps": summary["skipped_steps"],
-                  "epochs": summary["step"] * bs / len(train_ds), "resumed_from_step": summary["resumed_from"]},
+                  "epochs": summary["step"] * bs / len(train_ds), "resumed_from_step": summary["resumed_from"],
+                  "earlier_processes_s": round(summary["elapsed_before"], 2)},  # in train_s and wall_s too
         "model": {"backend": resolved["backend"], "weights_from": resolved["init_from"] or resolved["model"],
                   "fresh_weights": fresh, "reinitialised": reinit,
                   "num_parameters": sum(p.numel() for p in trainer.model.parameters()), "evaluated": evaluated},
@@ -274,6 +275,7 @@ def write_outputs(out: Path, spec: TaskSpec, ev: Any, results: dict, model: nn.M
         save_logits(out / "test_logits.npy", list(ev.test_logits.values()))
     if model is not None:
         save_model(model, tokenizer, out / "model", key)
-    results["timing"]["wall_s"] = round(time.perf_counter() - t0, 2)
+    # this process's wall time, plus the training time of the earlier processes of a resumed run
+    results["timing"]["wall_s"] = round(time.perf_counter() - t0 + results["train"]["earlier_processes_s"], 2)
     write_results(out, results)
 

@@ -127,7 +127,7 @@ def _train(cfg: FinetuneConfig, resolved: dict[str, Any], key: str, out: Path, t
         hooks.ema = EMA(trainer.model, cfg.ema_decay, lerp=False)  # lerp=False: the float order of earlier runs
     t_load = time.perf_counter() - t0
     summary = trainer.train(resume=resume)
-    t_train = time.perf_counter() - t0 - t_load
+    t_train = time.perf_counter() - t0 - t_load + summary["elapsed_before"]  # a resumed run's earlier steps count
 
     # ------------------------------------------------------------------ evaluate
     t1 = time.perf_counter()

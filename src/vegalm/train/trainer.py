@@ -207,6 +207,8 @@ class Trainer:
         self.step = 0
         self.bad_streak = 0  # consecutive skipped steps
         self.bad_total = 0
+        self.elapsed_before = 0.0  # training seconds of earlier processes, up to the checkpoint resumed from
+        self._t_start = time.perf_counter()  # this process's start of training (set again by train())
         self.last_metrics: dict[str, Any] = {}
         self._bad_losses: list[list[float]] = []  # loss values of the current streak (diagnostic)
         self._writer = None
@@ -240,6 +242,7 @@ class Trainer:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "bad_streak": self.bad_streak,
             "bad_total": self.bad_total,
+            "elapsed": self.elapsed(),  # so that a resumed run's time counts the steps it keeps
             "num_processes": self.accelerator.num_processes,
             "config": dataclasses.asdict(self.cfg),
         }
@@ -298,6 +301,7 @@ class Trainer:
         if state["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.bad_streak, self.bad_total = int(state["bad_streak"]), int(state["bad_total"])
+        self.elapsed_before = float(state.get("elapsed", 0.0))  # absent in checkpoints of before 2026-12-08: 0
         saved = state["rank_state"].get("callbacks", [])
         if len(saved) != len(self.callbacks) and any(saved):
             raise VegaError(f"{path}: saved with {len(saved)} callback state(s), this run has {len(self.callbacks)} "
@@ -310,10 +314,16 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ the loop
+    def elapsed(self) -> float:
+        """Training seconds of the steps this run holds: this process's, plus the earlier processes' up to the
+        checkpoint it resumed from (the steps they ran after it are redone here, so they are not counted)."""
+        return self.elapsed_before + time.perf_counter() - self._t_start
+
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Train to `max_steps` (or until a callback sets `should_stop`), checkpoint, return a summary:
-        {step, loss (last logged), skipped_steps, elapsed, resumed_from (0 unless resumed), checkpoint,
-        metrics (last log line)}."""
+        {step, loss (last logged), skipped_steps, elapsed (see `elapsed()`), elapsed_before (its part from
+        earlier processes; 0 unless resumed), resumed_from (0 unless resumed), checkpoint, metrics (last log
+        line)}."""
         acc, cfg = self.accelerator, self.cfg
         self.should_stop = False
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -333,7 +343,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             pbar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        t_start = time.perf_counter()
+        self._t_start = time.perf_counter()
         win = _Window()
         last_saved = self.step if resume and self.step > 0 else -1
         self._stop, self._agreed_signal = StopSignals(), 0
@@ -347,7 +357,7 @@ class Trainer:
                     if hasattr(cb, "on_step_end"):
                         cb.on_step_end(self, self.step)
                 if self.step % cfg.log_every == 0 or self.step == self.max_steps:
-                    self._log(win, t_start, pbar)
+                    self._log(win, pbar)
                     win = _Window()
                 if self.should_stop or self._signalled():
                     break
@@ -356,7 +366,7 @@ class Trainer:
                     last_saved = self.step
             signum = self._signalled(final=True)
             if (self.should_stop or signum) and self.step % cfg.log_every and self.step != self.max_steps:
-                self._log(win, t_start, pbar)  # the partial window
+                self._log(win, pbar)  # the partial window
             if last_saved == self.step:
                 ckpt = self.ckpt_root / step_dir_name(self.step)
             else:  # an interrupted run saves whenever checkpointing is on, so that it can resume
@@ -375,7 +385,8 @@ class Trainer:
             "step": self.step,
             "loss": self.last_metrics.get("loss"),
             "skipped_steps": self.bad_total,
-            "elapsed": time.perf_counter() - t_start,
+            "elapsed": self.elapsed(),
+            "elapsed_before": self.elapsed_before,
             "resumed_from": resumed_from,
             "checkpoint": str(ckpt) if ckpt is not None else None,
             "metrics": dict(self.last_metrics),
@@ -471,7 +482,7 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------ logging
-    def _log(self, win: _Window, t_start: float, pbar) -> None:
+    def _log(self, win: _Window, pbar) -> None:
         acc = self.accelerator
         keys = sorted(win.extra)
         # tokens and the objective's values are per-process: sum them over processes (same key order everywhere)
@@ -485,7 +496,7 @@ class Trainer:
             "lr": self._step_lr,  # of the window's last update (the largest group lr under layer-wise decay)
             "grad_norm": float(win.grad_norm) / good if win.good and self.cfg.max_grad_norm > 0 else None,
             "tokens_per_s": total[0] / dt,
-            "elapsed": time.perf_counter() - t_start,
+            "elapsed": self.elapsed(),
             "skipped_steps": self.bad_total,
         }
         for k, v in zip(keys, total[1:]):
