@@ -21,7 +21,8 @@ from vegalm.finetune.tasks import DEFAULT_SETS, SET_OPTIM, task_defaults
 from vegalm.finetune.stages.wnli import TREATMENTS as WNLI_TREATMENTS
 from vegalm.model.pooling import POOLINGS
 from vegalm.model.unpad import hf_type_unpads
-from vegalm.train.trainer import TrainConfig, native_bf16
+from vegalm.train.hardware import native_bf16
+from vegalm.train.trainer import TrainConfig
 
 PER_TASK = "unset: the per-task default (finetune/tasks.py)"
 

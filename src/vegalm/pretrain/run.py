@@ -36,7 +36,8 @@ from vegalm.pretrain.gdes import unshare
 from vegalm.pretrain.health import HealthCallback, HealthConfig, build_health
 from vegalm.pretrain.rtd import ObjectiveConfig, build_pretrain_model, objective
 from vegalm.train.fsdp import full_state_dict, is_sharded
-from vegalm.train.trainer import TrainConfig, Trainer, process_state
+from vegalm.train.hardware import process_state
+from vegalm.train.trainer import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from vegalm.config import ConfigError, option
 from vegalm.errors import Interrupted, VegaError
 from vegalm.train.allocator import keep_freed_memory
+from vegalm.train.hardware import has_accelerator_device
 from vegalm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir_name
 from vegalm.train.interrupt import StopSignals
 from vegalm.train.optim import SCHEDULES, build_optimizer, build_scheduler
@@ -143,7 +144,7 @@ class Trainer:
                 step_scheduler_with_optimizer=False,
                 # Accelerate only sets up multi-process CPU training (gloo) when told cpu=True; without it
                 # torchrun on a CPU-only machine gives N independent single-process runs.
-                cpu=launched > 1 and not _has_accelerator_device(),
+                cpu=launched > 1 and not has_accelerator_device(),
             )
         else:
             accelerator.gradient_accumulation_steps = cfg.grad_accum
@@ -315,15 +316,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def elapsed(self) -> float:
-        """Training seconds of the steps this run holds: this process's, plus the earlier processes' up to the
-        checkpoint it resumed from (the steps they ran after it are redone here, so they are not counted)."""
+        """Training seconds of the steps this run holds: this process's plus, if resumed, the checkpoint's."""
         return self.elapsed_before + time.perf_counter() - self._t_start
 
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Train to `max_steps` (or until a callback sets `should_stop`), checkpoint, return a summary:
-        {step, loss (last logged), skipped_steps, elapsed (see `elapsed()`), elapsed_before (its part from
-        earlier processes; 0 unless resumed), resumed_from (0 unless resumed), checkpoint, metrics (last log
-        line)}."""
+        {step, loss (last logged), skipped_steps, elapsed, elapsed_before (the checkpoint's part of it),
+        resumed_from (0 unless resumed), checkpoint, metrics (last log line)}."""
         acc, cfg = self.accelerator, self.cfg
         self.should_stop = False
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -560,15 +559,6 @@ def _check_stream(stream, cfg: TrainConfig, num_processes: int) -> None:
                           f"x processes ({num_processes})")
 
 
-def process_state():
-    """Accelerate's PartialState of this launch, creating the process group under torchrun (gloo on a CPU-only
-    machine, as the Trainer's Accelerator does): for work before the Trainer exists (`main_process_first`)."""
-    from accelerate import PartialState
-
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    return PartialState(cpu=launched > 1 and not _has_accelerator_device())
-
-
 def _allow_new_precision(mixed_precision: str) -> None:
     """Accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
     mixed_precision (pretraining in bf16, then fine-tuning in fp32, in one `vegalm run`). Reset only
@@ -589,20 +579,6 @@ def _test_nan_steps() -> frozenset[int]:
         raise VegaError(f"VEGALM_TEST_NAN_STEPS={raw!r}: expected comma-separated step numbers") from None
 
 
-def _has_accelerator_device() -> bool:
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
-
-
 def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside accelerate's AcceleratedOptimizer wrapper."""
     return getattr(optimizer, "optimizer", optimizer)
-
-
-def native_bf16() -> bool:
-    """True where bf16 matmuls run in hardware: a CUDA GPU with bf16, or a CPU with AMX or AVX512-BF16. Elsewhere
-    a CPU emulates bf16 and autocast is slower than fp32 (fine-tuning's mixed_precision=auto reads this)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private torch.cpu probes (torch >= 2.3)
-    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
