@@ -236,6 +236,30 @@ def test_a_resumed_run_counts_the_time_of_the_steps_it_keeps(tmp_path):
     assert all(a["elapsed"] < b["elapsed"] for a, b in zip(rows, rows[1:]))  # one clock across the processes
 
 
+def tb_steps(out: Path, tag: str = "train/loss") -> list[int]:
+    """The steps TensorBoard shows for `tag`, reading every event file of out/tb as TensorBoard does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tb"))  # purge_orphaned_data=True, TensorBoard's default
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume_or_a_fresh_start(tmp_path):
+    class StopAt:
+        def on_step_end(self, trainer, step):
+            trainer.should_stop = step == 5
+
+    # the first process logs steps 1-5 and stops with its last checkpoint at step 3 (a crash's picture)
+    make_trainer(tmp_path, callbacks=[StopAt()], max_steps=8, save_every=3, save_final=False).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    make_trainer(tmp_path, max_steps=8, save_every=3, save_final=False).train(resume=True)
+    assert tb_steps(tmp_path) == list(range(1, 9))  # steps 4-5 of the first process are hidden, not doubled
+    AcceleratorState._reset_state(reset_partial_state=True)
+    make_trainer(tmp_path, max_steps=4, save_final=False).train()  # a fresh run in the same folder
+    assert tb_steps(tmp_path) == [1, 2, 3, 4]  # not mixed with the earlier run's curve
+
+
 def test_signal_without_checkpointing_says_so(tmp_path):
     with pytest.raises(Interrupted, match="no checkpoint .checkpointing is off"):
         make_trainer(tmp_path, callbacks=[SendSignal(signal.SIGTERM, {2})], max_steps=6, save_final=False).train()

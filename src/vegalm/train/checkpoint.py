@@ -60,6 +60,11 @@ def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:06d}"
 
 
+def step_of(path: Path) -> int:
+    """The step of a checkpoint folder, from its name (step_dir_name's inverse)."""
+    return int(path.name[len(PREFIX):])
+
+
 # ----------------------------------------------------------------------------- RNG states as tensors
 def capture_rng() -> dict[str, Any]:
     """All RNG states of this process, as tensors / numbers / lists (weights_only-safe)."""

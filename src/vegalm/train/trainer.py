@@ -30,7 +30,7 @@ from vegalm.config import ConfigError, option
 from vegalm.errors import Interrupted, VegaError
 from vegalm.train.allocator import keep_freed_memory
 from vegalm.train.hardware import has_accelerator_device
-from vegalm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir_name
+from vegalm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir_name, step_of
 from vegalm.train.interrupt import StopSignals
 from vegalm.train.optim import SCHEDULES, build_optimizer, build_scheduler
 from vegalm.train.sampler import Order, ResumableBatchSampler
@@ -326,8 +326,11 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         self.should_stop = False
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.is_main:
-            self._tb()  # opened before the RNGs are seeded / restored, so it cannot shift them
+        if self.is_main:  # opened before the RNGs are seeded / restored, so it cannot shift them
+            ckpt = latest_checkpoint(self.ckpt_root) if resume else None
+            # TensorBoard hides the events at or after purge_step that earlier processes wrote: all of them on a
+            # fresh start, those after the checkpoint on a resume (metrics.jsonl is trimmed the same way)
+            self._tb(purge_step=step_of(ckpt) + 1 if ckpt is not None else 0)
         if not (resume and self._resume()):
             set_seed(cfg.seed + acc.process_index)  # after any RNG use by model construction
         resumed_from = self.step
@@ -537,11 +540,11 @@ class Trainer:
                 continue
         path.write_text("".join(kept), encoding="utf-8")
 
-    def _tb(self):
+    def _tb(self, purge_step: int | None = None):
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.out_dir / "tb"))
+            self._writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=purge_step)
         return self._writer
 
 
