@@ -1,6 +1,6 @@
 """One fine-tuning epoch of MiniLM-L6: `vegalm finetune` at its defaults vs transformers' Trainer at run_glue's.
 
-    python bench/finetune.py                 # RTE + MRPC, full train sets, 1 epoch, 3 alternating repeats
+    python bench/finetune.py                 # RTE + MRPC, full train sets, 1 epoch, 5 alternating repeats
     python bench/finetune.py --quick         # 96 train examples per run, 1 repeat (< 3 min on a quiet 2-core machine)
     python bench/finetune.py --ours mixed_precision=bf16   # extra key=value settings for our side
 
@@ -77,7 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="96 train examples, 1 repeat")
     ap.add_argument("--tasks", default="rte,mrpc")
-    ap.add_argument("--repeats", type=int, default=None, help="default 3 (full), 1 (--quick)")
+    ap.add_argument("--repeats", type=int, default=None, help="default 5 (full; the issue asks for a median of >= 5), 1 (--quick)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE", help="extra settings for our side")
@@ -91,7 +91,7 @@ def main() -> None:
         print(json.dumps(trainer_child(task, int(seed), int(n) or None, int(threads))))
         return
     n = 96 if args.quick else None  # 3 steps of 32: the quick mode times the fixed costs too
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick else 5)
     summary = {"threads": args.threads, "repeats": repeats, "max_train_samples": n, "ours_settings": args.ours,
                "trainer_malloc": args.trainer_malloc}
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
