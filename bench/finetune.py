@@ -77,7 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="96 train examples, 1 repeat")
     ap.add_argument("--tasks", default="rte,mrpc")
-    ap.add_argument("--repeats", type=int, default=None, help="default 5 (full; the issue asks for a median of >= 5), 1 (--quick)")
+    ap.add_argument("--repeats", type=int, default=None, help="default 5 (full), 1 (--quick)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE", help="extra settings for our side")
