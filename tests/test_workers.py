@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import pickle
+import signal
 import time
 from multiprocessing.connection import wait
+from pathlib import Path
 
 import pytest
 import torch
 
+from vegalm.errors import WorkersInterrupted
 from vegalm.workers import process_pool, stop_pool, threads_per_worker
 
 
@@ -83,3 +87,41 @@ def _raise_interrupted():
     from vegalm.errors import Interrupted
 
     raise Interrupted(7, "/c/step-7", 15)
+
+
+def _job_stopped_by_a_signal() -> int:
+    """What a training run does with SIGTERM: catch it under StopSignals, stop at the step boundary, acknowledge."""
+    from vegalm.train.interrupt import StopSignals
+
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not stop.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop.acknowledge()
+    return stop.pending
+
+
+def _touch(path: str) -> str:
+    Path(path).write_text("ran")
+    return path
+
+
+def test_a_worker_told_to_stop_starts_no_queued_job(tmp_path):
+    """The executor hands a worker its next job before the current one ends, past the reach of cancel_futures: a
+    sweep stopped by SIGTERM went on with its next run (2026-12-08). The worker must refuse it."""
+    pool = process_pool(1)
+    try:
+        stopped = pool.submit(_job_stopped_by_a_signal)
+        queued = pool.submit(_touch, str(tmp_path / "ran"))
+        assert stopped.result(timeout=120) == signal.SIGTERM
+        with pytest.raises(WorkersInterrupted):
+            queued.result(timeout=120)
+    finally:
+        pool.shutdown(cancel_futures=True)
+    assert not (tmp_path / "ran").exists()
+    fresh = process_pool(1)  # a new pool's workers start clean
+    try:
+        assert fresh.submit(_touch, str(tmp_path / "fresh")).result(timeout=120)
+    finally:
+        fresh.shutdown()

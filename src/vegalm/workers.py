@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from vegalm.errors import WorkersInterrupted
-from vegalm.train.interrupt import StopSignals
+from vegalm.train.interrupt import StopSignals, stop_received
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the CLI's and its workers' log lines
 
@@ -38,10 +38,25 @@ def _init_worker(threads: int | None, log_level: int) -> None:
         torch.set_num_threads(threads)
 
 
+def _unless_stopped(fn: Callable, *args, **kwargs):
+    """A job, in a worker: refused once this worker was told to stop. The executor hands each worker its next job
+    before the current one ends (its call queue), and a job handed over can no longer be cancelled, so without
+    this a worker that stopped its run at a step boundary went on with the next run of the sweep."""
+    if signum := stop_received():
+        raise WorkersInterrupted(signum)
+    return fn(*args, **kwargs)
+
+
+class _Pool(cf.ProcessPoolExecutor):
+    def submit(self, fn, /, *args, **kwargs) -> cf.Future:
+        return super().submit(_unless_stopped, fn, *args, **kwargs)
+
+
 def process_pool(n_workers: int, log_level: int = logging.WARNING) -> cf.ProcessPoolExecutor:
-    """`n_workers` spawned processes (fork would copy torch's thread pools), threads and logging set up."""
-    return cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=mp.get_context("spawn"),
-                                  initializer=_init_worker, initargs=(threads_per_worker(n_workers), log_level))  # fmt: skip
+    """`n_workers` spawned processes (fork would copy torch's thread pools), threads and logging set up; a worker
+    that got SIGINT / SIGTERM during a job starts no other."""
+    return _Pool(max_workers=n_workers, mp_context=mp.get_context("spawn"),
+                 initializer=_init_worker, initargs=(threads_per_worker(n_workers), log_level))  # fmt: skip
 
 
 def stop_pool(pool: cf.ProcessPoolExecutor, grace_s: float = 0.0, forward: int | None = None) -> None:

@@ -13,6 +13,13 @@ import threading
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_received = 0  # the first stop signal any StopSignals of this process caught (0: none)
+
+
+def stop_received() -> int:
+    """The first SIGINT / SIGTERM a `StopSignals` caught in this process, 0 if none: a worker process that was
+    told to stop must not start another job (vegalm.workers)."""
+    return _received
 
 
 class StopSignals:
@@ -39,7 +46,8 @@ class StopSignals:
             self._restore()
             os.kill(os.getpid(), signum)
             return
-        self.pending = signum
+        global _received
+        self.pending, _received = signum, _received or signum
         log.warning("%s received: stopping at the next step boundary (send it again to stop at once)",
                     signal.Signals(signum).name)
 

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from vegalm.config import ConfigError, option
 from vegalm.errors import Interrupted, VegaError
 from vegalm.train.allocator import keep_freed_memory
-from vegalm.train.hardware import has_accelerator_device
 from vegalm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir_name, step_of
+from vegalm.train.hardware import has_accelerator_device
 from vegalm.train.interrupt import StopSignals
 from vegalm.train.optim import SCHEDULES, build_optimizer, build_scheduler
 from vegalm.train.sampler import Order, ResumableBatchSampler
