@@ -3,14 +3,17 @@
     python bench/trick_cost.py                                   # MiniLM-L6, MRPC, vanilla,adv,selfcal,adv+selfcal
     python bench/trick_cost.py --combos vanilla,smart,freelb,r3f,sift,ema --steps 20
     python bench/trick_cost.py --out results/trick_cost/minilm-l6-mrpc.json   # keep the record (commit it)
+    python bench/trick_cost.py --repeats 3 mixed_precision=bf16 lr=1e-4      # rounds; settings for every combo
 
-Each combo is one `vegalm finetune` run (vega per-task defaults, fp32, the default trick arguments) of
-`--steps` optimizer steps on the same seed, so every combo sees the same batches. The Trainer logs the
-elapsed time every 10 steps; a combo's step time is (elapsed at the last step - elapsed at step 10) /
-(steps - 10), which leaves out the first steps (allocator and thread-pool warm-up). The ratio column is
-that time over vanilla's. `transductive` costs what vanilla costs per step; its price is a second run on
-train + pseudo-labels plus one pass over the test inputs, so it is not a combo here (`vegalm ablate` reports
-whole-run wall time for it). The last stdout line is one JSON object.
+Each combo is one `vegalm finetune` run (vega per-task defaults, fp32 unless a setting says otherwise, the
+default trick arguments) of `--steps` optimizer steps on the same seed, so every combo sees the same batches.
+The Trainer logs the elapsed time every 10 steps; a combo's step time is (elapsed at the last step - elapsed at
+step 10) / (steps - 10), which leaves out the first steps (allocator and thread-pool warm-up). With
+`--repeats N` the combos run N rounds, in order within each; a combo's ratio is the median over rounds of its
+step time over vanilla's in the same round (`s_per_step` is the median step time). `transductive` costs what
+vanilla costs per step; its price is a second run on train + pseudo-labels plus one pass over the test inputs,
+so it is not a combo here (`vegalm ablate` reports whole-run wall time for it). The last stdout line is one
+JSON object.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -47,11 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--glue-dir", default=None)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default=None, help="also write the JSON record here")
+    p.add_argument("--repeats", type=int, default=1, help="rounds over the combos (median over rounds)")
+    p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="fine-tuning settings for every combo, as on "
+                   "the `vegalm finetune` command line (e.g. mixed_precision=bf16)")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats: must be at least 1")
     if args.steps <= LOG_EVERY:
         p.error(f"--steps: must be more than {LOG_EVERY} (the first {LOG_EVERY} steps are warm-up)")
     torch.set_num_threads(args.threads)
 
+    from vegalm.config import apply_overrides, from_dict
     from vegalm.errors import VegaError
     from vegalm.experiments.ablate import parse_combos
     from vegalm.finetune.config import FinetuneConfig
@@ -65,29 +75,39 @@ def main(argv: list[str] | None = None) -> int:
     if any(c.transductive or c.tapt for c in combos):
         p.error("--combos: transductive / tapt are whole extra runs, not a per-step cost (see the docstring)")
     work = Path(tempfile.mkdtemp(prefix="trick_cost_"))
-    times: dict[str, float] = {}
+    rounds: list[dict[str, float]] = []
     try:
-        for combo in combos:
-            out = work / combo.name
-            cfg = FinetuneConfig.of(task=args.task, model=args.model, out=str(out), glue_dir=args.glue_dir,
-                                 seed=args.seed, tricks=list(combo.tricks), max_steps=args.steps,
-                                 batch_size=args.batch_size, eval_test=False, save_model=False, progress=False)
-            run_finetune(cfg)
-            times[combo.name] = step_seconds(out / "metrics.jsonl", args.steps)
-            print(f"{combo.name:>14}: {times[combo.name]:.3f} s/step", flush=True)
+        base_cfg = dict(task=args.task, model=args.model, glue_dir=args.glue_dir, seed=args.seed,
+                        max_steps=args.steps, batch_size=args.batch_size, eval_test=False, save_model=False,
+                        progress=False)  # fmt: skip
+        for combo in combos:  # every combo's whole config is checked (from_dict) before any run
+            from_dict(FinetuneConfig, apply_overrides({**base_cfg, "out": "-", "tricks": list(combo.tricks)},
+                                                      args.settings))
+        for r in range(args.repeats):
+            rounds.append({})
+            for combo in combos:
+                out = work / f"{combo.name}-{r}"
+                data = apply_overrides({**base_cfg, "out": str(out), "tricks": list(combo.tricks)}, args.settings)
+                run_finetune(from_dict(FinetuneConfig, data))
+                rounds[-1][combo.name] = step_seconds(out / "metrics.jsonl", args.steps)
+                shutil.rmtree(out, ignore_errors=True)
+                print(f"round {r + 1}/{args.repeats} {combo.name:>14}: {rounds[-1][combo.name]:.3f} s/step", flush=True)
     except VegaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    base = times.get("vanilla")
+    times = {c.name: statistics.median(rd[c.name] for rd in rounds) for c in combos}
+    base = "vanilla" in times
+    ratios = {c.name: statistics.median(rd[c.name] / rd["vanilla"] for rd in rounds) for c in combos} if base else {}
     record = {"task": args.task, "model": args.model, "steps": args.steps, "measured_steps": args.steps - LOG_EVERY,
-              "threads": args.threads, "seed": args.seed, "s_per_step": {k: round(v, 4) for k, v in times.items()},
-              "ratio_vs_vanilla": {k: round(v / base, 3) for k, v in times.items()} if base else None}
+              "threads": args.threads, "seed": args.seed, "repeats": args.repeats, "settings": args.settings,
+              "s_per_step": {k: round(v, 4) for k, v in times.items()},
+              "ratio_vs_vanilla": {k: round(v, 3) for k, v in ratios.items()} if base else None}
     if base:
         print("| combo | s/step | × vanilla |\n|---|---|---|")
         for k, v in times.items():
-            print(f"| {k} | {v:.3f} | {v / base:.2f} |")
+            print(f"| {k} | {v:.3f} | {ratios[k]:.2f} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")

@@ -34,3 +34,19 @@ def test_two_combos_on_minilm(tmp_path, capsys):
         bench.main([*argv, "--steps", "10"])
     with pytest.raises(SystemExit):
         bench.main([*argv, "--combos", "vanilla,transductive"])
+
+
+def test_rounds_and_settings(tmp_path, capsys):
+    """--repeats runs the combos in rounds (ratio: median over rounds); KEY=VALUE settings reach every combo and a
+    bad one stops the bench before any run."""
+    bench = load_bench("trick_cost")
+    argv = ["--task", "mrpc", "--combos", "vanilla,rdrop", "--steps", "11", "--batch-size", "4", "--threads", "1",
+            "--glue-dir", str(GLUE_DIR), "--repeats", "2", "mixed_precision=bf16"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["repeats"] == 2 and line["settings"] == ["mixed_precision=bf16"]
+    assert out.count("round 2/2") == 2 and line["ratio_vs_vanilla"]["vanilla"] == 1.0
+    assert bench.main([*argv[:-1], "epochs=-1"]) == 2
+    bad = capsys.readouterr()
+    assert "epochs" in bad.err and "round" not in bad.out  # refused before the first run
