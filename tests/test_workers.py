@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vegalm.errors import WorkersInterrupted
-from vegalm.workers import process_pool, stop_pool, threads_per_worker
+from vegalm.workers import process_pool, stop_pool, supervised_pool, threads_per_worker
 
 
 def test_threads_split_the_cores_unless_pinned(monkeypatch):
@@ -49,7 +49,7 @@ def test_stop_pool_ends_a_running_job_at_once():
     while len(ended) < len(sentinels) and time.monotonic() < deadline:
         ended |= set(wait(sentinels, timeout=1))
     assert time.perf_counter() - t0 < 30 and ended == set(sentinels)
-    with pytest.raises((cf.CancelledError, cf.process.BrokenProcessPool)):
+    with pytest.raises(WorkersInterrupted):  # the SIGTERM ended the job in hand (the worker noted it, then exited)
         slow.result(timeout=30)
 
 
@@ -63,7 +63,7 @@ def test_stop_pool_with_grace_lets_running_jobs_end_on_their_own():
         time.sleep(0.05)
     t0 = time.perf_counter()
     stop_pool(pool, grace_s=60)
-    # not cut short by a SIGTERM: with no grace the same jobs end in BrokenProcessPool (the test above)
+    # not cut short by a SIGTERM: with no grace the same jobs end in WorkersInterrupted (the test above)
     assert [f.result(timeout=60) for f in running] == [None, None] and time.perf_counter() - t0 < 30
 
 
@@ -125,3 +125,72 @@ def test_a_worker_told_to_stop_starts_no_queued_job(tmp_path):
         assert fresh.submit(_touch, str(tmp_path / "fresh")).result(timeout=120)
     finally:
         fresh.shutdown()
+
+
+def _mark_then_sleep(path: str, seconds: float) -> str:
+    Path(path).write_text("started")
+    time.sleep(seconds)
+    return "slept"
+
+
+def _alive(pool) -> list:
+    return [proc for proc in pool._processes.values() if proc.exitcode is None]
+
+
+def _wait_for(path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.exists()
+
+
+def test_a_stop_outside_training_ends_the_job_and_keeps_the_worker(tmp_path):
+    """Loading or evaluating (no StopSignals): the job in hand ends at once; the worker lives on (its death would
+    break the pool, whose executor then SIGTERMs the other workers) and refuses the next job."""
+    pool = process_pool(1)
+    try:
+        pid = pool.submit(os.getpid).result(timeout=120)
+        busy = pool.submit(_mark_then_sleep, str(tmp_path / "started"), 300)
+        _wait_for(tmp_path / "started")
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        with pytest.raises(WorkersInterrupted):
+            busy.result(timeout=60)
+        assert time.monotonic() - t0 < 60 and _alive(pool)
+        with pytest.raises(WorkersInterrupted):
+            pool.submit(_touch, str(tmp_path / "ran")).result(timeout=60)
+        assert not (tmp_path / "ran").exists()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def test_an_idle_worker_notes_a_stop_and_dies_of_a_second(tmp_path):
+    pool = process_pool(1)
+    try:
+        pid = pool.submit(os.getpid).result(timeout=120)
+        os.kill(pid, signal.SIGINT)  # a terminal's Ctrl-C reaches every worker, idle ones too
+        time.sleep(1)
+        assert _alive(pool)
+        with pytest.raises(WorkersInterrupted):
+            pool.submit(_touch, str(tmp_path / "ran")).result(timeout=60)
+        assert not (tmp_path / "ran").exists()
+        proc = _alive(pool)[0]
+        os.kill(pid, signal.SIGTERM)  # the second: as by default
+        assert wait([proc.sentinel], timeout=30)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def test_a_worker_that_stopped_on_its_own_stops_the_pool(tmp_path):
+    """Only a worker got the signal (the parent did not): the job it refuses reaches the parent, which must still
+    stop the other workers, not leave them running while it exits."""
+    t0 = time.monotonic()
+    with pytest.raises(WorkersInterrupted):
+        with supervised_pool(2) as (pool, check):
+            long = pool.submit(_mark_then_sleep, str(tmp_path / "started"), 300)
+            _wait_for(tmp_path / "started")
+            assert pool.submit(_job_stopped_by_a_signal).result(timeout=120) == signal.SIGTERM
+            pool.submit(_touch, str(tmp_path / "ran")).result(timeout=120)  # refused by the stopped worker
+    assert time.monotonic() - t0 < 100 and not (tmp_path / "ran").exists()
+    with pytest.raises(WorkersInterrupted):  # the long job was stopped, not left to run for 300 s
+        long.result(timeout=60)

@@ -17,8 +17,8 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 
-from vegalm.errors import WorkersInterrupted
-from vegalm.train.interrupt import StopSignals, stop_received
+from vegalm.errors import Interrupted, WorkersInterrupted
+from vegalm.train.interrupt import StopSignals, job, remember_stops, stop_received
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the CLI's and its workers' log lines
 
@@ -32,6 +32,7 @@ def threads_per_worker(n_workers: int) -> int | None:
 
 def _init_worker(threads: int | None, log_level: int) -> None:
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    remember_stops()  # a stop signal between jobs or before a run's training is kept, not fatal
     if threads:
         import torch
 
@@ -39,12 +40,19 @@ def _init_worker(threads: int | None, log_level: int) -> None:
 
 
 def _unless_stopped(fn: Callable, *args, **kwargs):
-    """A job, in a worker: refused once this worker was told to stop. The executor hands each worker its next job
-    before the current one ends (its call queue), and a job handed over can no longer be cancelled, so without
-    this a worker that stopped its run at a step boundary went on with the next run of the sweep."""
+    """A job, in a worker: refused once this worker was told to stop (at any time: `remember_stops`). The executor
+    hands each worker its next job before the current one ends (its call queue), and a job handed over can no
+    longer be cancelled, so without this a worker that stopped its run at a step boundary went on with the next
+    run of the sweep."""
     if signum := stop_received():
         raise WorkersInterrupted(signum)
-    return fn(*args, **kwargs)
+    try:
+        with job():
+            return fn(*args, **kwargs)
+    except KeyboardInterrupt as e:  # a stop outside a training loop (loading, evaluating): picklable, and says so
+        if isinstance(e, Interrupted) or not stop_received():
+            raise
+        raise WorkersInterrupted(stop_received()) from None
 
 
 class _Pool(cf.ProcessPoolExecutor):
@@ -54,7 +62,7 @@ class _Pool(cf.ProcessPoolExecutor):
 
 def process_pool(n_workers: int, log_level: int = logging.WARNING) -> cf.ProcessPoolExecutor:
     """`n_workers` spawned processes (fork would copy torch's thread pools), threads and logging set up; a worker
-    that got SIGINT / SIGTERM during a job starts no other."""
+    that got SIGINT / SIGTERM stops its run at the next step boundary and starts no other job."""
     return _Pool(max_workers=n_workers, mp_context=mp.get_context("spawn"),
                  initializer=_init_worker, initargs=(threads_per_worker(n_workers), log_level))  # fmt: skip
 
@@ -95,21 +103,24 @@ def supervised_pool(n_workers: int, log_level: int = logging.WARNING,
     second signal, SIGTERMs the workers. Without this a signal to the parent killed it and left the workers
     running as orphans."""
     pool = process_pool(n_workers, log_level)
+    stopped = False  # check() stopped the workers
+
     try:
         with StopSignals() as stop:
             def check() -> None:
+                nonlocal stopped
                 if stop.pending:
                     stop.acknowledge()
                     stop_pool(pool, grace_s=120, forward=signal.SIGTERM if stop.pending == signal.SIGTERM else None)
+                    stopped = True
                     if on_stop is not None:
                         on_stop()
                     raise WorkersInterrupted(stop.pending)
 
             yield pool, check
-    except WorkersInterrupted:  # the workers are stopped already
-        raise
-    except BaseException:  # a failed job, or a second signal: SIGTERM the workers (they checkpoint and exit)
-        stop_pool(pool)
+    except BaseException:  # a failed job, a second signal, or a worker's own stop (its Interrupted, or a job it
+        if not stopped:  # refused): SIGTERM the workers (they checkpoint and exit)
+            stop_pool(pool)
         raise
     pool.shutdown()
 

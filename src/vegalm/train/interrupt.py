@@ -1,25 +1,64 @@
 """SIGINT / SIGTERM as a request to stop at the next step boundary (what Slurm, Kubernetes and torchrun
 send before they kill). The Trainer holds a `StopSignals` for the duration of `train()`; a second signal
-of either kind acts as it would have without it (Ctrl-C twice stops at once).
+of either kind acts as it would have without it (Ctrl-C twice stops at once). In a worker process
+(`remember_stops`, vegalm.workers) a stop also counts when it arrives outside `train()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_received = 0  # the first stop signal any StopSignals of this process caught (0: none)
+_received = 0  # the first stop signal this process caught (a StopSignals, or remember_stops's handler); 0: none
+_in_job = False  # inside `job()`: a stop outside StopSignals ends the job in hand
 
 
 def stop_received() -> int:
-    """The first SIGINT / SIGTERM a `StopSignals` caught in this process, 0 if none: a worker process that was
-    told to stop must not start another job (vegalm.workers)."""
+    """The first SIGINT / SIGTERM caught in this process, 0 if none: a worker process that was told to stop must
+    not start another job (vegalm.workers)."""
     return _received
+
+
+def remember_stops() -> None:
+    """For a worker process of a pool. A first SIGINT / SIGTERM outside `StopSignals` is noted, and inside `job()`
+    it also ends the job in hand (KeyboardInterrupt); an idle worker lives on. A worker that died of it would
+    break the pool, whose executor then SIGTERMs every other worker, cutting short their step-boundary stops.
+    A second signal acts as by default."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, _note)
+
+
+@contextlib.contextmanager
+def job() -> Iterator[None]:
+    """A worker's job: a stop signal noted by `remember_stops` (outside a StopSignals) ends it."""
+    global _in_job
+    _in_job = True
+    try:
+        yield
+    finally:
+        _in_job = False
+
+
+def _note(signum: int, frame) -> None:
+    global _received
+    if _received:  # the second one: the default disposition (SIGINT raises KeyboardInterrupt, SIGTERM ends)
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+        os.kill(os.getpid(), signum)
+        return
+    _received = signum
+    name = signal.Signals(signum).name
+    if _in_job:
+        raise KeyboardInterrupt(f"{name} received: the job in hand stops")
+    log.warning("%s received: this worker starts no further job", name)
 
 
 class StopSignals:
