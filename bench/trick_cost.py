@@ -5,8 +5,9 @@
     python bench/trick_cost.py --out results/trick_cost/minilm-l6-mrpc.json   # keep the record (commit it)
     python bench/trick_cost.py --repeats 3 mixed_precision=bf16 lr=1e-4      # rounds; settings for every combo
 
-Each combo is one `vegalm finetune` run (vega per-task defaults, fp32 unless a setting says otherwise, the
-default trick arguments) of `--steps` optimizer steps on the same seed, so every combo sees the same batches.
+Each combo is one `vegalm finetune` run (vega per-task defaults, `mixed_precision=auto`: bf16 where the hardware
+computes it, else fp32; the record's `mixed_precision` says which; the default trick arguments) of `--steps`
+optimizer steps on the same seed, so every combo sees the same batches.
 The Trainer logs the elapsed time every 10 steps; a combo's step time is (elapsed at the last step - elapsed at
 step 10) / (steps - 10), which leaves out the first steps (allocator and thread-pool warm-up). With
 `--repeats N` the combos run N rounds, in order within each; a combo's ratio is the median over rounds of its
@@ -19,6 +20,7 @@ JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -31,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
 
 LOG_EVERY = 10  # the fine-tuning runner logs every 10 optimizer steps
+RESERVED = ("max_steps", "epochs", "log_every", "tricks", "seed", "out")  # what the timing relies on
 
 
 def step_seconds(metrics_file: Path, steps: int) -> float:
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats: must be at least 1")
+    if taken := [kv for kv in args.settings if kv.split("=", 1)[0].split(".")[-1] in RESERVED]:
+        p.error(f"{taken[0]}: set by the bench itself ({', '.join(RESERVED)}; --steps, --seed, --combos)")
     if args.steps <= LOG_EVERY:
         p.error(f"--steps: must be more than {LOG_EVERY} (the first {LOG_EVERY} steps are warm-up)")
     torch.set_num_threads(args.threads)
@@ -76,22 +81,22 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--combos: transductive / tapt are whole extra runs, not a per-step cost (see the docstring)")
     work = Path(tempfile.mkdtemp(prefix="trick_cost_"))
     rounds: list[dict[str, float]] = []
+    precision: dict[str, str] = {}
     try:
-        base_cfg = dict(task=args.task, model=args.model, glue_dir=args.glue_dir, seed=args.seed,
-                        max_steps=args.steps, batch_size=args.batch_size, eval_test=False, save_model=False,
-                        progress=False)  # fmt: skip
-        for combo in combos:  # every combo's whole config is checked (from_dict) before any run
-            from_dict(FinetuneConfig, apply_overrides({**base_cfg, "out": "-", "tricks": list(combo.tricks)},
-                                                      args.settings))
+        common = dict(task=args.task, model=args.model, glue_dir=args.glue_dir, seed=args.seed, max_steps=args.steps,
+                      batch_size=args.batch_size, eval_test=False, save_model=False, progress=False)
+        # every combo's whole config, checked (from_dict) before any run; `out` is set per round
+        configs = {c.name: from_dict(FinetuneConfig, apply_overrides({**common, "out": "-", "tricks": list(c.tricks)},
+                                                                     args.settings)) for c in combos}
         for r in range(args.repeats):
             rounds.append({})
-            for combo in combos:
-                out = work / f"{combo.name}-{r}"
-                data = apply_overrides({**base_cfg, "out": str(out), "tricks": list(combo.tricks)}, args.settings)
-                run_finetune(from_dict(FinetuneConfig, data))
-                rounds[-1][combo.name] = step_seconds(out / "metrics.jsonl", args.steps)
+            for name, cfg in configs.items():
+                out = work / f"{name}-{r}"
+                res = run_finetune(dataclasses.replace(cfg, out=str(out)))
+                precision[name] = res["config"]["mixed_precision"]  # as resolved (auto -> bf16 or no)
+                rounds[-1][name] = step_seconds(out / "metrics.jsonl", args.steps)
                 shutil.rmtree(out, ignore_errors=True)
-                print(f"round {r + 1}/{args.repeats} {combo.name:>14}: {rounds[-1][combo.name]:.3f} s/step", flush=True)
+                print(f"round {r + 1}/{args.repeats} {name:>14}: {rounds[-1][name]:.3f} s/step", flush=True)
     except VegaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -102,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {c.name: statistics.median(rd[c.name] / rd["vanilla"] for rd in rounds) for c in combos} if base else {}
     record = {"task": args.task, "model": args.model, "steps": args.steps, "measured_steps": args.steps - LOG_EVERY,
               "threads": args.threads, "seed": args.seed, "repeats": args.repeats, "settings": args.settings,
+              "mixed_precision": precision,
               "s_per_step": {k: round(v, 4) for k, v in times.items()},
               "ratio_vs_vanilla": {k: round(v, 3) for k, v in ratios.items()} if base else None}
     if base:

@@ -45,8 +45,12 @@ def test_rounds_and_settings(tmp_path, capsys):
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     line = json.loads(out.strip().splitlines()[-1])
-    assert line["repeats"] == 2 and line["settings"] == ["mixed_precision=bf16"]
-    assert out.count("round 2/2") == 2 and line["ratio_vs_vanilla"]["vanilla"] == 1.0
-    assert bench.main([*argv[:-1], "epochs=-1"]) == 2
+    assert line["repeats"] == 2 and out.count("round 2/2") == 2
+    assert line["mixed_precision"] == {"vanilla": "bf16", "rdrop": "bf16"}  # as each run resolved it
+    assert bench.main([*argv[:-1], "mixed_precision=no"]) == 0  # the same runs in fp32: the setting is what moved
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mixed_precision"]["rdrop"] == "no"
+    assert bench.main([*argv[:-1], "weight_decay=-1"]) == 2
     bad = capsys.readouterr()
-    assert "epochs" in bad.err and "round" not in bad.out  # refused before the first run
+    assert "weight_decay" in bad.err and "round" not in bad.out  # refused before the first run
+    with pytest.raises(SystemExit):  # a key the timing relies on
+        bench.main([*argv[:-1], "max_steps=50"])
