@@ -121,7 +121,9 @@ def max_abs_diff_vs_hf(models: dict, device: str, size: str) -> dict[str, float]
         was = m.training
         try:
             outs[name] = m.eval()(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        except Exception as e:  # noqa: BLE001 - e.g. a kernel without fp32: said, and NaN in the JSON line
+        except Exception as e:  # noqa: BLE001 - e.g. a kernel without fp32: said, and null in the JSON line
+            if name == "hf":  # the reference itself
+                raise
             print(f"{name}: fp32 forward failed ({type(e).__name__}: {e})", flush=True)
         m.train(was)
     return {n: float((outs[n] - outs["hf"])[real].abs().max()) if n in outs else None
@@ -195,15 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     packages = tuple(p for p in args.packages.split(",") if p)
     if unknown := [p for p in packages if p not in PACKAGES]:
         ap.error(f"--packages: unknown {', '.join(unknown)} (known: {', '.join(PACKAGES)})")
-    if any(p in NO_ATTN_DROPOUT for p in packages) and (args.attn_dropout is None or args.attn_dropout > 0):
-        ap.error(f"--packages {','.join(p for p in packages if p in NO_ATTN_DROPOUT)}: no attention dropout in "
-                 "that kernel; add --attn-dropout 0 (applied to every side, transformers' too)")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device (use --device cpu for a smoke run)")
-    if args.flex and (args.attn_dropout is None or args.attn_dropout > 0):
-        # a training step of `flex` with attention dropout runs `sdpa` (model/attention.py): its column
-        # would time sdpa twice (the first GPU run, before this check, did exactly that)
-        ap.error("--flex: FlexAttention has no attention dropout, so with dropout it falls back to sdpa; "
+    # a training step of `flex` with attention dropout runs `sdpa` (model/attention.py): its column would time sdpa
+    # twice (the first GPU run, before this check, did exactly that); flashdeberta's kernel has no dropout either
+    no_dropout = (["--flex"] if args.flex else []) + [f"--packages {p}" for p in packages if p in NO_ATTN_DROPOUT]
+    if no_dropout and (args.attn_dropout is None or args.attn_dropout > 0):
+        ap.error(f"{', '.join(no_dropout)}: no attention dropout in that kernel (flex falls back to sdpa with it); "
                  "add --attn-dropout 0 (applied to every side, transformers' too)")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
     impls = ["sdpa"] + (["flex"] if args.flex else [])
@@ -234,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             cells = ([(None if v["s"] is None else v["s"] * 1e3, ".1f", "") for v in r.values()]
                      + [(ratio[n], ".2f", "x") for n in r if n != "hf"]
                      + [(v["mem_mb"], ".0f", "") for v in r.values()])  # fmt: skip
-            print(f"B{B}xS{L:<8}{dtype:<6}" + "".join(
-                f"{'-' if x is None else format(x, f) + end:>{w}}" for (x, f, end), w in zip(cells, widths)), flush=True)
+            text = ["-" if x is None else format(x, f) + end for x, f, end in cells]
+            print(f"B{B}xS{L:<8}{dtype:<6}" + "".join(f"{t:>{w}}" for t, w in zip(text, widths)), flush=True)
     print(json.dumps({"device": name, "size": args.size, "repeats": args.repeats, "attn_dropout": args.attn_dropout,
                       "max_abs_diff_vs_hf": diff, "rows": rows}))
     return 0

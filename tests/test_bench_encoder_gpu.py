@@ -13,8 +13,15 @@ from _bench import load_bench
 encoder_gpu = load_bench("encoder_gpu")
 
 
-def test_smoke_on_cpu_same_weights_and_json_line():
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)  # not left to the tests after this file
+
+
+def test_smoke_on_cpu_same_weights_and_json_line(one_thread):
     models = encoder_gpu.build("tiny", "cpu", ["sdpa"])
     hf, ours = models["hf"].eval(), models["ours-sdpa"].eval()
     ids = torch.randint(5, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -58,11 +65,10 @@ def test_a_package_that_fails_to_build_is_left_out_not_timed(monkeypatch, capsys
     assert "flashdeberta: left out (ImportError: no module named triton)" in capsys.readouterr().out
 
 
-def test_disentangled_flash_side_matches_transformers_and_is_timed():
+def test_disentangled_flash_side_matches_transformers_and_is_timed(one_thread):
     pytest.importorskip("disentangled_flash")
     from disentangled_flash import DebertaV2OptimizedEncoder
 
-    torch.set_num_threads(1)
     models = encoder_gpu.build("tiny", "cpu", ["sdpa"], attn_dropout=0.0, packages=("disentangled-flash",))
     assert isinstance(models["disentangled-flash"].encoder, DebertaV2OptimizedEncoder)  # its path, not HF's kept
     diff = encoder_gpu.max_abs_diff_vs_hf(models, "cpu", "tiny")  # a padded row included

@@ -260,6 +260,19 @@ def test_tensorboard_shows_each_step_once_after_a_resume_or_a_fresh_start(tmp_pa
     assert tb_steps(tmp_path) == [1, 2, 3, 4]  # not mixed with the earlier run's curve
 
 
+def test_a_second_train_call_continues_the_clock_and_the_curves(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=4, save_final=False)
+    first = trainer.train()
+    time.sleep(0.3)  # idle between the calls: not training time
+    trainer.max_steps = 7
+    t0 = time.perf_counter()
+    second = trainer.train()
+    call = time.perf_counter() - t0
+    assert second["step"] == 7 and second["elapsed_before"] == first["elapsed"]
+    assert 0 < second["elapsed"] - first["elapsed"] <= call  # the 0.3 s between the calls is not counted
+    assert tb_steps(tmp_path) == list(range(1, 8))  # the first call's steps are not hidden by the second's writer
+
+
 def test_signal_without_checkpointing_says_so(tmp_path):
     with pytest.raises(Interrupted, match="no checkpoint .checkpointing is off"):
         make_trainer(tmp_path, callbacks=[SendSignal(signal.SIGTERM, {2})], max_steps=6, save_final=False).train()

@@ -5,7 +5,7 @@ run: a run resumed from checkpoint 400 reports the time of steps 401-N. (Fixed a
 now stores its training time, docs/output-folders.md.) Each process appends to the run's metrics.jsonl, whose
 `elapsed` restarts at 0 in a new process. On resume the Trainer drops the rows after the checkpoint, so the row
 before a restart is the checkpoint's step, and its `elapsed` is the earlier process's time for the kept steps
-(rows every 10 steps, checkpoints every 100).
+(rows every 10 steps, checkpoints every 100; a signal-stopped run logs and checkpoints its last step too).
 
     python results/ablation/minilm-l6-confirm/kept_wall.py [RUNS_DIR]    # default ../../../runs/confirm
 
@@ -28,9 +28,11 @@ def earlier_seconds(run: Path) -> tuple[float, list[int]]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     total, points = 0.0, []
     for prev, row in zip(rows, rows[1:]):
-        if row["elapsed"] < prev["elapsed"]:  # a new process; on resume the Trainer trimmed the rows after the
-            total += prev["elapsed"]  # checkpoint, so `prev` is the checkpoint's step and its clock
-            points.append(prev["step"])
+        # a new process begins after `prev` when the clock goes back (a resume from a periodic checkpoint), or when
+        # `prev` is off the 10-step grid: the partial window a signal-stopped run logs before its checkpoint
+        if row["elapsed"] < prev["elapsed"] or prev["step"] % 10:
+            total += prev["elapsed"]  # on resume the Trainer trimmed the rows after the checkpoint, so `prev` is the
+            points.append(prev["step"])  # checkpoint's step and its clock
     return total, points
 
 

@@ -177,7 +177,8 @@ def run_tapt(cfg: TaptConfig | dict, resume: bool = True) -> dict:
     trainer = Trainer(model, objective, store, _collate, cfg.train, out / "train")
     summary = trainer.train(resume=resume)
     result = {"task": spec.name, "texts": len(texts), "segments": len(store), "from": str(disc_dir),
-              "generator_from": str(gen_dir), "train": summary, "wall_s": round(time.time() - t0, 2)}
+              "generator_from": str(gen_dir), "train": summary,
+              "wall_s": round(time.time() - t0 + summary["elapsed_before"], 2)}  # a resumed run's earlier steps count
     if trainer.is_main:
         _write_json(out / "train" / "done.json", {**summary, "config": settings})
         (out / "summary.json").unlink(missing_ok=True)

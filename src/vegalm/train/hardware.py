@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 
 def has_accelerator_device() -> bool:
@@ -22,10 +26,20 @@ def native_bf16() -> bool:
     return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
 
 
-def process_state():
+def launched_processes() -> int:
+    """The processes of this launch: WORLD_SIZE, set by torchrun / accelerate launch (1 without)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gloo_on_cpu() -> bool:
+    """A multi-process launch on a machine without an accelerator: Accelerate sets up multi-process CPU training
+    (gloo) only when told cpu=True; without it torchrun gives N independent single-process runs."""
+    return launched_processes() > 1 and not has_accelerator_device()
+
+
+def process_state() -> PartialState:
     """Accelerate's PartialState of this launch, creating the process group under torchrun (gloo on a CPU-only
     machine, as the Trainer's Accelerator does): for work before the Trainer exists (`main_process_first`)."""
     from accelerate import PartialState
 
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    return PartialState(cpu=launched > 1 and not has_accelerator_device())
+    return PartialState(cpu=gloo_on_cpu())

@@ -30,7 +30,7 @@ from vegalm.config import ConfigError, option
 from vegalm.errors import Interrupted, VegaError
 from vegalm.train.allocator import keep_freed_memory
 from vegalm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir_name, step_of
-from vegalm.train.hardware import has_accelerator_device
+from vegalm.train.hardware import gloo_on_cpu, launched_processes
 from vegalm.train.interrupt import StopSignals
 from vegalm.train.optim import SCHEDULES, build_optimizer, build_scheduler
 from vegalm.train.sampler import Order, ResumableBatchSampler
@@ -133,7 +133,7 @@ class Trainer:
         self.objective = objective
         self.callbacks = list(callbacks)
         self.out_dir = Path(out_dir)
-        launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+        launched = launched_processes()
         if accelerator is None:
             _allow_new_precision(cfg.mixed_precision)
             # step_scheduler_with_optimizer=False: we never hand the scheduler to accelerate anyway
@@ -142,9 +142,7 @@ class Trainer:
                 mixed_precision=cfg.mixed_precision,
                 gradient_accumulation_steps=cfg.grad_accum,
                 step_scheduler_with_optimizer=False,
-                # Accelerate only sets up multi-process CPU training (gloo) when told cpu=True; without it
-                # torchrun on a CPU-only machine gives N independent single-process runs.
-                cpu=launched > 1 and not has_accelerator_device(),
+                cpu=gloo_on_cpu(),
             )
         else:
             accelerator.gradient_accumulation_steps = cfg.grad_accum
@@ -209,7 +207,7 @@ class Trainer:
         self.bad_streak = 0  # consecutive skipped steps
         self.bad_total = 0
         self.elapsed_before = 0.0  # training seconds of earlier processes, up to the checkpoint resumed from
-        self._t_start = time.perf_counter()  # this process's start of training (set again by train())
+        self._t_start: float | None = None  # when the train() in progress started its clock
         self.last_metrics: dict[str, Any] = {}
         self._bad_losses: list[list[float]] = []  # loss values of the current streak (diagnostic)
         self._writer = None
@@ -274,8 +272,7 @@ class Trainer:
             out["stream"] = self.stream.state_dict()
         return out
 
-    def _resume(self) -> bool:
-        path = latest_checkpoint(self.ckpt_root)
+    def _resume(self, path: Path | None) -> bool:
         if path is None:
             if self.is_main:
                 log.info("no checkpoint under %s: starting from scratch", self.ckpt_root)
@@ -317,7 +314,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def elapsed(self) -> float:
         """Training seconds of the steps this run holds: this process's plus, if resumed, the checkpoint's."""
-        return self.elapsed_before + time.perf_counter() - self._t_start
+        return self.elapsed_before + (time.perf_counter() - self._t_start if self._t_start is not None else 0.0)
 
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Train to `max_steps` (or until a callback sets `should_stop`), checkpoint, return a summary:
@@ -326,12 +323,12 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         self.should_stop = False
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = latest_checkpoint(self.ckpt_root) if resume else None
         if self.is_main:  # opened before the RNGs are seeded / restored, so it cannot shift them
-            ckpt = latest_checkpoint(self.ckpt_root) if resume else None
-            # TensorBoard hides the events at or after purge_step that earlier processes wrote: all of them on a
-            # fresh start, those after the checkpoint on a resume (metrics.jsonl is trimmed the same way)
-            self._tb(purge_step=step_of(ckpt) + 1 if ckpt is not None else 0)
-        if not (resume and self._resume()):
+            # TensorBoard hides the events after the step this call starts from that earlier processes (or calls)
+            # wrote: on a resume those after the checkpoint, on a fresh start all (metrics.jsonl is trimmed alike)
+            self._tb(purge_step=(step_of(ckpt) if ckpt is not None else self.step) + 1)
+        if not (resume and self._resume(ckpt)):
             set_seed(cfg.seed + acc.process_index)  # after any RNG use by model construction
         resumed_from = self.step
         if self.is_main:
@@ -345,7 +342,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             pbar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        self._t_start = time.perf_counter()
+        elapsed_before, self._t_start = self.elapsed_before, time.perf_counter()
         win = _Window()
         last_saved = self.step if resume and self.step > 0 else -1
         self._stop, self._agreed_signal = StopSignals(), 0
@@ -383,12 +380,13 @@ class Trainer:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
+        self.elapsed_before, self._t_start = self.elapsed(), None  # the clock stops between train() calls
         return {
             "step": self.step,
             "loss": self.last_metrics.get("loss"),
             "skipped_steps": self.bad_total,
-            "elapsed": self.elapsed(),
-            "elapsed_before": self.elapsed_before,
+            "elapsed": self.elapsed_before,
+            "elapsed_before": elapsed_before,
             "resumed_from": resumed_from,
             "checkpoint": str(ckpt) if ckpt is not None else None,
             "metrics": dict(self.last_metrics),
