@@ -164,21 +164,25 @@ def test_a_stop_outside_training_ends_the_job_and_keeps_the_worker(tmp_path):
         pool.shutdown(cancel_futures=True)
 
 
-def test_an_idle_worker_notes_a_stop_and_dies_of_a_second(tmp_path):
+def test_an_idle_worker_lives_through_stops_and_ends_with_the_pool(tmp_path):
+    """Ctrl-C reaches every worker, idle ones too, and the parent's stop_pool SIGTERMs them all: an idle worker that
+    died of it would break the pool (the failure seen in the full suite: a running job's future turned into
+    BrokenProcessPool and the executor SIGTERMed the other workers mid-stop)."""
     pool = process_pool(1)
+    pid = pool.submit(os.getpid).result(timeout=120)
+    proc = _alive(pool)[0]
     try:
-        pid = pool.submit(os.getpid).result(timeout=120)
-        os.kill(pid, signal.SIGINT)  # a terminal's Ctrl-C reaches every worker, idle ones too
+        os.kill(pid, signal.SIGINT)
         time.sleep(1)
-        assert _alive(pool)
         with pytest.raises(WorkersInterrupted):
             pool.submit(_touch, str(tmp_path / "ran")).result(timeout=60)
         assert not (tmp_path / "ran").exists()
-        proc = _alive(pool)[0]
-        os.kill(pid, signal.SIGTERM)  # the second: as by default
-        assert wait([proc.sentinel], timeout=30)
+        os.kill(pid, signal.SIGTERM)  # a second signal to an idle worker whose parent lives
+        time.sleep(1)
+        assert proc.exitcode is None
     finally:
         pool.shutdown(cancel_futures=True)
+    assert proc.exitcode == 0  # ended by the pool's shutdown, not by a signal
 
 
 def test_a_worker_that_stopped_on_its_own_stops_the_pool(tmp_path):
@@ -194,3 +198,30 @@ def test_a_worker_that_stopped_on_its_own_stops_the_pool(tmp_path):
     assert time.monotonic() - t0 < 100 and not (tmp_path / "ran").exists()
     with pytest.raises(WorkersInterrupted):  # the long job was stopped, not left to run for 300 s
         long.result(timeout=60)
+
+
+def _training_that_ignores_its_stop(path: str) -> None:
+    """A run inside StopSignals (as in Trainer.train) whose step never ends."""
+    from vegalm.train.interrupt import StopSignals
+
+    with StopSignals():
+        Path(path).write_text("started")
+        time.sleep(300)
+
+
+def test_a_second_signal_ends_a_running_job_at_once(tmp_path):
+    pool = process_pool(1)
+    pid = pool.submit(os.getpid).result(timeout=120)
+    proc = _alive(pool)[0]
+    try:
+        stuck = pool.submit(_training_that_ignores_its_stop, str(tmp_path / "started"))
+        _wait_for(tmp_path / "started")
+        os.kill(pid, signal.SIGTERM)  # the first: pending at the (never reached) step boundary
+        time.sleep(1)
+        assert proc.exitcode is None
+        os.kill(pid, signal.SIGTERM)  # the second: as by default
+        assert wait([proc.sentinel], timeout=30)  # ended (exitcode races the executor's own reaping)
+        with pytest.raises(cf.process.BrokenProcessPool):  # it died: the pool saw a worker end abruptly
+            stuck.result(timeout=30)
+    finally:
+        pool.shutdown(cancel_futures=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -28,9 +29,10 @@ def stop_received() -> int:
 
 def remember_stops() -> None:
     """For a worker process of a pool. A first SIGINT / SIGTERM outside `StopSignals` is noted, and inside `job()`
-    it also ends the job in hand (KeyboardInterrupt); an idle worker lives on. A worker that died of it would
-    break the pool, whose executor then SIGTERMs every other worker, cutting short their step-boundary stops.
-    A second signal acts as by default."""
+    it also ends the job in hand (KeyboardInterrupt); an idle worker lives on, and ignores further signals while
+    its parent lives: the pool's shutdown ends it cleanly. A worker that died of a signal would break the pool,
+    whose executor then SIGTERMs every other worker, cutting short their step-boundary stops. A second signal
+    in a job, or any signal once the parent is gone, acts as by default."""
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
             signal.signal(sig, _note)
@@ -49,16 +51,24 @@ def job() -> Iterator[None]:
 
 def _note(signum: int, frame) -> None:
     global _received
-    if _received:  # the second one: the default disposition (SIGINT raises KeyboardInterrupt, SIGTERM ends)
-        for sig in SIGNALS:
+    if (_received and _in_job) or (not _in_job and _orphaned()):  # the default disposition (SIGINT raises
+        for sig in SIGNALS:  # KeyboardInterrupt, SIGTERM ends the process)
             signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
         os.kill(os.getpid(), signum)
+        return
+    if _received:  # idle and told already: the pool's shutdown sentinel ends this worker
         return
     _received = signum
     name = signal.Signals(signum).name
     if _in_job:
         raise KeyboardInterrupt(f"{name} received: the job in hand stops")
     log.warning("%s received: this worker starts no further job", name)
+
+
+def _orphaned() -> bool:
+    """This process's multiprocessing parent has ended (nothing will shut its pool down)."""
+    parent = multiprocessing.parent_process()
+    return parent is not None and not parent.is_alive()
 
 
 class StopSignals:
